@@ -1,0 +1,24 @@
+# `make test`: create .venv if missing, install the pinned CPU set and the project, run the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: test unit bench clean-venv
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): requirements-cpu.txt pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -r requirements-cpu.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_model.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,45 @@
+"""Tiny real models saved to disk, then loaded through the same `from_pretrained` path as hub ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CORPUS = ["a photo of a cat", "1girl, solo, long hair, masterpiece", "red square on a blue background",
+          "low quality, worst quality, text, signature", "the quick brown fox jumps over the lazy dog"]
+
+
+def make_tiny_text_encoder(directory: Path, *, hidden_size: int = 32) -> Path:
+    """A 2-layer Qwen3 with a byte-level BPE tokenizer (pad = eos = <|endoftext|>, as Qwen3)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3Model
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
+    directory.mkdir(parents=True, exist_ok=True)
+    Qwen3Model(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_tiny_vae(directory: Path, *, per_channel_stats: bool = True) -> Path:
+    """An f8 AutoencoderKL (4 levels, small widths) like the SDXL VAE in shape, ~50k parameters."""
+    from diffusers import AutoencoderKL
+
+    kwargs = {}
+    if per_channel_stats:
+        kwargs = dict(latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[2.0, 1.5, 1.0, 0.5])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
+                        sample_size=32, scaling_factor=0.5, shift_factor=0.25, **kwargs)
+    vae.save_pretrained(directory)
+    return directory
