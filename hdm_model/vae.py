@@ -6,6 +6,8 @@ VAE config when present (EQ-SDXL-VAE), else z = (latent - shift_factor) * scalin
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -26,8 +28,11 @@ class LatentVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, model_id: str = DEFAULT_VAE, *, device: torch.device | str = "cpu",
                         dtype: torch.dtype | None = None, chunk_size: int = 4, **kwargs) -> LatentVAE:
+        from importlib.util import find_spec
+
         from diffusers import AutoencoderKL
 
+        kwargs.setdefault("low_cpu_mem_usage", find_spec("accelerate") is not None)  # no warning without it
         vae = AutoencoderKL.from_pretrained(model_id, torch_dtype=dtype or default_dtype(device), **kwargs)
         return cls(vae, chunk_size=chunk_size).to(device)
 
@@ -67,15 +72,17 @@ class LatentVAE(nn.Module):
         return ((torch.cat(images) + 1) / 2).clamp(0, 1)
 
 
-def latent_stats(config) -> tuple[Tensor, Tensor]:
-    """Per-channel (mean, std) such that z = (latent - mean) / std, from a diffusers VAE config."""
-    channels = config.latent_channels
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+def latent_stats(config: Mapping[str, Any] | Any) -> tuple[Tensor, Tensor]:
+    """Per-channel (mean, std) such that z = (latent - mean) / std, from a diffusers VAE config
+    (the model's `.config` or the dict of `AutoencoderKL.load_config`)."""
+    get = config.get if isinstance(config, Mapping) else lambda name, default=None: getattr(config, name, default)
+    channels = get("latent_channels")
+    mean, std = get("latents_mean"), get("latents_std")
     if mean is not None and std is not None:
         mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
         if mean.numel() != channels or std.numel() != channels:
             raise ValueError(f"latents_mean/std need {channels} values, got {mean.numel()}/{std.numel()}")
         return mean, std
-    scaling = getattr(config, "scaling_factor", None) or 1.0
-    shift = getattr(config, "shift_factor", None) or 0.0
+    scaling = get("scaling_factor") or 1.0
+    shift = get("shift_factor") or 0.0
     return torch.full((channels,), float(shift)), torch.full((channels,), 1.0 / float(scaling))

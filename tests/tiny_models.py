@@ -43,3 +43,39 @@ def make_tiny_vae(directory: Path, *, per_channel_stats: bool = True) -> Path:
                         sample_size=32, scaling_factor=0.5, shift_factor=0.25, **kwargs)
     vae.save_pretrained(directory)
     return directory
+
+
+def make_tiny_captioner(directory: Path) -> Path:
+    """A ViT encoder + GPT-2 decoder VisionEncoderDecoderModel (as nlpconnect/vit-gpt2-image-captioning), ~65k
+    parameters, seeded, with a ViT image processor and no multimodal processor.
+
+    The byte-level BPE has no merges, so every generated token is one character of CORPUS: re-tokenizing a
+    caption counts the tokens generated. <|endoftext|> is bos = eos = pad = decoder start, as GPT-2; the LM
+    head is untied, since a tied random head keeps predicting its input token (the start token, hence eos).
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (GPT2Config, PreTrainedTokenizerFast, ViTConfig, ViTImageProcessor,
+                              VisionEncoderDecoderConfig, VisionEncoderDecoderModel)
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=1, special_tokens=["<|endoftext|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>")
+    special = tokenizer.eos_token_id
+    encoder = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64)
+    decoder = GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                         tie_word_embeddings=False, bos_token_id=special, eos_token_id=special)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = special
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = VisionEncoderDecoderModel(config=config)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

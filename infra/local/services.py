@@ -1,0 +1,179 @@
+"""Start and stop the local services of tests and the demo: a Ray head node, a moto S3 server, an
+MLflow server. Each runs in its own process session, bound to 127.0.0.1, and is stopped by its PID
+(never `ray stop`: other people's Ray processes share the machine).
+
+    python infra/local/services.py up --state STATE.json [--ray] [--s3] [--mlflow]
+    python infra/local/services.py down --state STATE.json
+
+`up` writes addresses and PIDs to STATE.json and prints `export NAME=VALUE` lines for a shell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent  # the venv's bin: ray, moto_server and mlflow come from it
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@dataclass
+class Service:
+    name: str
+    pid: int
+    env: dict[str, str] = field(default_factory=dict)  # what clients need, e.g. RAY_ADDRESS
+    cleanup: list[str] = field(default_factory=list)  # directories removed on stop
+
+
+def start_ray_head(num_cpus: int = 2, log: Path | None = None) -> Service:
+    """`ray start --head --block` in a new session; every port chosen free, dashboard on 127.0.0.1."""
+    temp = tempfile.mkdtemp(prefix="hdm-ray-")
+    gcs, dash = free_port(), free_port()
+    ports = {f"--{name}": str(free_port()) for name in (
+        "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
+    low = free_port()
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
+           f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+           "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
+           f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
+           *[f"{k}={v}" for k, v in ports.items()]]
+    out = open(log or os.devnull, "ab")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        _wait_http(f"{url}/api/version", 90, proc)
+        _wait_http(f"{url}/api/jobs/", 60, proc)
+    except Exception:
+        _stop_pid(proc.pid, "ray")
+        raise
+    return Service("ray", proc.pid, {"RAY_ADDRESS": f"127.0.0.1:{gcs}", "HDM_RAY_DASHBOARD": url}, [temp])
+
+
+def start_moto(log: Path | None = None) -> Service:
+    port = free_port()
+    out = open(log or os.devnull, "ab")
+    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env=_env(),
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    _wait_http(f"{endpoint}/moto-api/", 30, proc)
+    return Service("s3", proc.pid, {"HDM_S3_ENDPOINT": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                                    "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+
+
+def start_mlflow(log: Path | None = None) -> Service:
+    root = tempfile.mkdtemp(prefix="hdm-mlflow-")
+    port = free_port()
+    env = dict(_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    out = open(log or os.devnull, "ab")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                             "--default-artifact-root", f"{root}/artifacts", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    _wait_http(f"{uri}/health", 90, proc)
+    return Service("mlflow", proc.pid, {"MLFLOW_TRACKING_URI": uri}, [root])
+
+
+def _stop_pid(pid: int, name: str, timeout: float = 30) -> None:
+    """SIGTERM the service's own process (Ray's `start --block` then drains its node), then its group."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+        except ChildProcessError:  # not our child (stopped from another process): poll for it
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+        time.sleep(0.2)
+    try:  # whatever is left of the session it started: only this service's processes
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(service: Service) -> None:
+    _stop_pid(service.pid, service.name)
+    for path in service.cleanup:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("action", choices=["up", "down"])
+    ap.add_argument("--state", required=True, type=Path)
+    ap.add_argument("--ray", action="store_true")
+    ap.add_argument("--s3", action="store_true")
+    ap.add_argument("--mlflow", action="store_true")
+    ap.add_argument("--logs", type=Path, help="folder for the services' logs")
+    args = ap.parse_args(argv)
+    if args.action == "down":
+        if args.state.exists():
+            for data in json.loads(args.state.read_text()):
+                stop(Service(**data))
+            args.state.unlink()
+        return 0
+    starters = [(args.ray, start_ray_head), (args.s3, start_moto), (args.mlflow, start_mlflow)]
+    started: list[Service] = []
+    if args.logs:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    try:
+        for wanted, start in starters:
+            if wanted:
+                log = args.logs / f"{start.__name__[6:]}.log" if args.logs else None
+                started.append(start(log=log))
+                args.state.write_text(json.dumps([asdict(s) for s in started]))
+    except Exception as e:
+        for service in started:
+            stop(service)
+        args.state.unlink(missing_ok=True)
+        print(f"could not start services: {e}", file=sys.stderr)
+        return 1
+    for service in started:
+        for k, v in service.env.items():
+            print(f"export {k}={v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

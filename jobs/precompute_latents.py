@@ -1,0 +1,77 @@
+"""Images -> Parquet latents at each resolution, as a Ray Data job.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/precompute_latents.py --input INPUT --output OUTPUT --res 256 512
+
+INPUT: img2dataset parquet or webdataset output, or a folder of images with optional .txt captions;
+local path or s3://. Flags override the optional --config TOML (same field names as PrecomputeConfig).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipelines.configs import PrecomputeConfig, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="TOML file with PrecomputeConfig fields; flags override it")
+    ap.add_argument("--input", help="images: local path or s3:// URI")
+    ap.add_argument("--output", help="latent dataset: local path or s3:// URI")
+    ap.add_argument("--input-format", choices=["auto", "parquet", "webdataset", "folder"], help="default: auto")
+    ap.add_argument("--res", type=int, nargs="+", dest="resolutions", help="short sides in px, multiples of 16")
+    ap.add_argument("--vae", help="diffusers AutoencoderKL hub id or path (default KBlueLeaf/EQ-SDXL-VAE)")
+    ap.add_argument("--max-aspect", type=float, help="cap on long/short side; longer images are centre-cropped")
+    ap.add_argument("--max-pixels", type=int, help="reject larger images as decompression bombs")
+    ap.add_argument("--no-std", dest="store_std", action="store_const", const=False,
+                    help="do not store the posterior std (training then uses the mean)")
+    ap.add_argument("--batch-size", type=int, help="images per VAE batch")
+    ap.add_argument("--encoders", type=int, help="VAE actors")
+    ap.add_argument("--gpus-per-encoder", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    ap.add_argument("--threads-per-encoder", type=int, help="torch threads per CPU encoder")
+    ap.add_argument("--rows-per-file", type=int)
+    ap.add_argument("--limit", type=int, help="process at most this many inputs")
+    ap.add_argument("--caption-mode", choices=["keep", "model"], help="keep the input's captions or run a model")
+    ap.add_argument("--caption-model", help="transformers image-to-text hub id or path")
+    ap.add_argument("--caption-policy", choices=["replace", "append"])
+    ap.add_argument("--caption-actors", type=int)
+    ap.add_argument("--caption-gpus", type=float, help="GPUs per caption actor")
+    ap.add_argument("--s3-endpoint", help="e.g. http://127.0.0.1:9000")
+    ap.add_argument("--s3-profile", help="AWS profile for s3:// URIs")
+    args = vars(ap.parse_args(argv))
+    renames = {"caption_mode": "caption.mode", "caption_model": "caption.model", "caption_policy": "caption.policy",
+               "caption_actors": "caption.actors", "caption_gpus": "caption.gpus_per_actor",
+               "s3_endpoint": "s3.endpoint_url", "s3_profile": "s3.profile"}
+    path = args.pop("config")
+    return load_config(PrecomputeConfig, path, {renames.get(k, k): v for k, v in args.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    try:
+        config = parse_args(argv)
+    except ValidationError as e:
+        print(f"invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from pipelines.precompute import ManifestMismatch, run_precompute
+
+    ray.init(log_to_driver=True)
+    try:
+        summary = run_precompute(config)
+    except (ManifestMismatch, FileNotFoundError) as e:
+        print(f"precompute refused: {e}", file=sys.stderr)
+        return 3
+    print(summary.format(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The distributed pipeline: configs, Ray Data stages, training, tracking."""

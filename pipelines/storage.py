@@ -1,0 +1,71 @@
+"""Local paths and s3:// URIs behind one pyarrow filesystem interface (picklable, so Ray tasks take it)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import PurePosixPath
+
+import pyarrow.fs as pafs
+
+from .configs import S3Options
+
+
+def resolve(uri: str, s3: S3Options = S3Options()) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path, a file:// URI or an s3://bucket/prefix URI."""
+    if uri.startswith("s3://"):
+        return s3_filesystem(s3), uri[len("s3://"):].rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def s3_filesystem(options: S3Options) -> pafs.S3FileSystem:
+    kwargs: dict = {}
+    if options.endpoint_url:
+        scheme, _, host = options.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    if options.profile:
+        import boto3
+
+        creds = boto3.Session(profile_name=options.profile).get_credentials()
+        if creds is None:
+            raise ValueError(f"AWS profile {options.profile!r} has no credentials")
+        creds = creds.get_frozen_credentials()
+        kwargs.update(access_key=creds.access_key, secret_key=creds.secret_key, session_token=creds.token)
+    region = options.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)
+
+
+def join(*parts: str) -> str:
+    return str(PurePosixPath(*parts))
+
+
+def exists(fs: pafs.FileSystem, path: str) -> bool:
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
+    """Every file under `path`, recursively, sorted; hidden and temporary files (., _) skipped."""
+    if not exists(fs, path):
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File
+                  and not any(part.startswith((".", "_")) for part in PurePosixPath(i.path[len(path):]).parts))
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write to a hidden temporary name, then move into place: readers never see a partial file."""
+    parent = str(PurePosixPath(path).parent)
+    fs.create_dir(parent, recursive=True)
+    tmp = join(parent, f".tmp-{uuid.uuid4().hex}")
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, path)
