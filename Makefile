@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test unit bench clean-venv
+.PHONY: venv test unit bench clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,16 @@ $(STAMP): requirements-cpu.txt pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
+venv: $(STAMP)
+
+# Everything, integration tests included (they start a local Ray head node, a moto S3 server and an
+# MLflow server unless .ci/run already did; each is stopped by its PID).
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Unit tests only: seconds, no services.
+unit: $(STAMP)
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py

@@ -60,9 +60,24 @@ class Service:
     cleanup: list[str] = field(default_factory=list)  # directories removed on stop
 
 
-def start_ray_head(num_cpus: int = 2, log: Path | None = None) -> Service:
-    """`ray start --head --block` in a new session; every port chosen free, dashboard on 127.0.0.1."""
+def start_ray_head(num_cpus: int = 2, log: Path | None = None, attempts: int = 2) -> Service:
+    """`ray start --head --block` in a new session; every port chosen free, dashboard on 127.0.0.1.
+
+    A start that fails (a port taken between choosing and binding it) is retried with new ports.
+    """
+    for attempt in range(attempts):
+        try:
+            return _start_ray_head(num_cpus, log)
+        except RuntimeError as e:
+            if attempt == attempts - 1:
+                raise
+            print(f"ray head did not start ({e}); retrying with other ports", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _start_ray_head(num_cpus: int, log: Path | None) -> Service:
     temp = tempfile.mkdtemp(prefix="hdm-ray-")
+    log = log or Path(temp) / "ray-start.log"
     gcs, dash = free_port(), free_port()
     ports = {f"--{name}": str(free_port()) for name in (
         "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
@@ -73,15 +88,17 @@ def start_ray_head(num_cpus: int = 2, log: Path | None = None) -> Service:
            "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
            f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
            *[f"{k}={v}" for k, v in ports.items()]]
-    out = open(log or os.devnull, "ab")
+    out = open(log, "ab")
     proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
         _wait_http(f"{url}/api/version", 90, proc)
         _wait_http(f"{url}/api/jobs/", 60, proc)
-    except Exception:
+    except Exception as e:
         _stop_pid(proc.pid, "ray")
-        raise
+        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+        shutil.rmtree(temp, ignore_errors=True)
+        raise RuntimeError(f"{e}\n{tail}") from None
     return Service("ray", proc.pid, {"RAY_ADDRESS": f"127.0.0.1:{gcs}", "HDM_RAY_DASHBOARD": url}, [temp])
 
 
@@ -109,8 +126,9 @@ def start_mlflow(log: Path | None = None) -> Service:
     return Service("mlflow", proc.pid, {"MLFLOW_TRACKING_URI": uri}, [root])
 
 
-def _stop_pid(pid: int, name: str, timeout: float = 30) -> None:
-    """SIGTERM the service's own process (Ray's `start --block` then drains its node), then its group."""
+def _stop_pid(pid: int, name: str, timeout: float = 60) -> None:
+    """SIGTERM the service's own process (Ray's `start --block` then drains its node: 3-35 s seen on a
+    busy 2-core machine), then SIGKILL whatever is left of its process group."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:

@@ -1,0 +1,42 @@
+import pytest
+from pydantic import ValidationError
+
+from pipelines.configs import PrecomputeConfig, load_config
+
+
+def test_defaults_and_sorting():
+    config = PrecomputeConfig(input="in", output="out", resolutions=[512, 256])
+    assert config.resolutions == [256, 512]
+    assert config.vae == "KBlueLeaf/EQ-SDXL-VAE" and config.caption.mode == "keep"
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(resolutions=[250]), "multiples of 16"),
+    (dict(resolutions=[256, 256]), "repeat"),
+    (dict(batch_sise=4), "Extra inputs are not permitted"),
+    (dict(caption={"mode": "model"}), "caption.model"),
+    (dict(input="gs://bucket/x"), "s3://"),
+    (dict(max_aspect=0.5), "greater than or equal to 1"),
+])
+def test_invalid_configs_say_why(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        PrecomputeConfig(**{"input": "in", "output": "out", **fields})
+
+
+def test_flags_override_the_toml_file(tmp_path):
+    path = tmp_path / "job.toml"
+    path.write_text('input = "a"\noutput = "b"\nresolutions = [256]\nbatch_size = 8\n'
+                    '[caption]\nmode = "model"\nmodel = "x/y"\n')
+    config = load_config(PrecomputeConfig, path, {"batch_size": 32, "caption.policy": "append", "vae": None})
+    assert config.batch_size == 32 and config.caption.policy == "append" and config.caption.model == "x/y"
+    assert config.vae == "KBlueLeaf/EQ-SDXL-VAE"  # None means: not given on the command line
+
+
+def test_job_command_line(tmp_path):
+    from jobs.precompute_latents import parse_args
+
+    config = parse_args(["--input", "s3://b/in", "--output", "out/", "--res", "256", "512", "--no-std",
+                         "--caption-mode", "model", "--caption-model", "m", "--s3-endpoint", "http://127.0.0.1:1"])
+    assert config.input == "s3://b/in" and config.output == "out" and config.resolutions == [256, 512]
+    assert config.store_std is False and config.caption.model == "m"
+    assert config.s3.endpoint_url == "http://127.0.0.1:1"
