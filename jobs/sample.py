@@ -1,0 +1,97 @@
+"""Images from any training stage's checkpoint, an MLflow run, or the released HDM weights.
+
+    python jobs/sample.py --checkpoint ckpt/ --prompt "1girl, solo" --seed 0 --seed 1 --grid
+    python jobs/sample.py --checkpoint s3://bucket/run/stage-512/final --prompt-file prompts.txt --seed 10 --count 4
+    python jobs/sample.py --run-id 3f2a... --mlflow-uri http://127.0.0.1:5000 --prompt "a cat"
+    python jobs/sample.py --official hdm-xut-340M.safetensors --prompt "..." --width 768 --height 1024
+
+Every prompt is drawn with every seed; each PNG holds its generation parameters (JSON) in its
+`parameters` text chunk. See docs/sampling.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipelines.configs import load_config  # noqa: E402
+from pipelines.sampling import SampleConfig  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="TOML file with SampleConfig fields; flags override it")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="checkpoint directory (model.safetensors + config.json): path or s3:// URI")
+    src.add_argument("--run-id", help="MLflow run id: samples the checkpoint named by its hdm.checkpoint tag")
+    src.add_argument("--official", help="released HDM .safetensors (path or s3://); its vae.* weights are the VAE")
+    ap.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="a prompt (repeatable)")
+    ap.add_argument("--prompt-file", help="a text file, one prompt per line (blank lines skipped)")
+    ap.add_argument("--negative-prompt", help="the unconditional branch's prompt (default empty)")
+    ap.add_argument("--width", type=int, help="px, a multiple of 16 (default 1024); any aspect ratio")
+    ap.add_argument("--height", type=int, help="px, a multiple of 16 (default 1024)")
+    ap.add_argument("--steps", type=int, help="Euler steps (default 24)")
+    ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 3.0; 1 = no guidance)")
+    ap.add_argument("--seed", type=int, action="append", dest="seeds", metavar="SEED",
+                    help="a seed (repeatable); with --count, the first of COUNT consecutive seeds (default 0)")
+    ap.add_argument("--count", type=int, help="draw seeds SEED, SEED+1, ..., SEED+COUNT-1")
+    ap.add_argument("--zoom", type=float, help="camera zoom, > 1 zooms in (default 1)")
+    ap.add_argument("--x-shift", type=float, help="camera shift right, in grid units (default 0; -1..1 typical)")
+    ap.add_argument("--y-shift", type=float, help="camera shift down, in grid units (default 0)")
+    ap.add_argument("--cond-tread", type=float, help="TREAD routing rate of the conditional pass, [0, 1) (default off)")
+    ap.add_argument("--uncond-tread", type=float, help="TREAD rate of the unconditional pass (0.5 = auto-guidance)")
+    ap.add_argument("--batch-size", type=int, help="images per denoiser batch (default 1: bit-reproducible)")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, else float32")
+    ap.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
+    ap.add_argument("--text-encoder", help="text encoder hub id or path, instead of the checkpoint's")
+    ap.add_argument("--vae", help="diffusers AutoencoderKL hub id or path, instead of the checkpoint's or file's")
+    ap.add_argument("--out", help="output directory for the PNGs (default ./samples)")
+    ap.add_argument("--grid", action="store_const", const=True,
+                    help="also write grid.png: rows = prompts, columns = seeds")
+    ap.add_argument("--mlflow-uri", help="tracking server for --run-id (default: $MLFLOW_TRACKING_URI)")
+    ap.add_argument("--s3-endpoint", help="e.g. http://127.0.0.1:9000, for s3:// URIs")
+    ap.add_argument("--s3-profile", help="AWS profile for s3:// URIs")
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> SampleConfig:
+    ap = build_parser()
+    args = vars(ap.parse_args(argv))
+    prompt_file, count = args.pop("prompt_file"), args.pop("count")
+    if prompt_file:
+        lines = Path(prompt_file).read_text().splitlines()
+        args["prompts"] = (args["prompts"] or []) + [line.strip() for line in lines if line.strip()]
+    if count is not None:
+        if args["seeds"] and len(args["seeds"]) > 1:
+            ap.error("--count takes one start --seed")
+        start = args["seeds"][0] if args["seeds"] else 0
+        args["seeds"] = list(range(start, start + count))
+    renames = {"mlflow_uri": "tracking.uri", "s3_endpoint": "s3.endpoint_url", "s3_profile": "s3.profile"}
+    path = args.pop("config")
+    return load_config(SampleConfig, path, {renames.get(k, k): v for k, v in args.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    try:
+        config = parse_args(argv)
+    except ValidationError as e:
+        print(f"invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    from pipelines.sampling import run_sampling
+
+    try:
+        summary = run_sampling(config)
+    except (FileNotFoundError, LookupError, ValueError) as e:
+        print(f"sample refused: {e}", file=sys.stderr)
+        return 3
+    print(summary.format(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

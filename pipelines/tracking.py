@@ -1,0 +1,130 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+One parent run per pipeline, one child run per stage (`precompute`, `train-vae`, `train-256`, ...). A stage
+run is found again by its `hdm.stage_key` tag, so a stage that restarts after a failure reopens its run
+instead of creating a new one. Runs are addressed by id through `MlflowClient` (no global active run), so
+any process (a Ray Train worker, the driver) can log to the same run. Without a tracking URI every call is
+a no-op: tracking is optional.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+STAGE_KEY = "hdm.stage_key"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"a": {"b": 1}} -> {"a.b": "1"}: nested config -> MLflow params."""
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = str(value)[:6000]
+    return out
+
+
+class StageRun:
+    """An MLflow run for one stage, created or reopened by `open`."""
+
+    def __init__(self, client, run_id: str | None):
+        self.client, self.run_id = client, run_id
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None
+
+    @classmethod
+    def open(cls, *, tracking_uri: str | None, experiment: str, stage_key: str, run_name: str,
+             parent_run_id: str | None = None, tags: Mapping[str, str] | None = None) -> StageRun:
+        """The run tagged `stage_key` in `experiment` (reopened: status RUNNING), or a new one."""
+        if not tracking_uri:
+            return cls(None, None)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        found = client.search_runs([exp_id], filter_string=f"tags.`{STAGE_KEY}` = '{stage_key}'", max_results=1)
+        all_tags = {STAGE_KEY: stage_key, **{k: str(v) for k, v in (tags or {}).items()}}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+            for k, v in all_tags.items():
+                client.set_tag(run_id, k, v)
+        else:
+            run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
+        return cls(client, run_id)
+
+    @classmethod
+    def attach(cls, *, tracking_uri: str | None, run_id: str | None) -> StageRun:
+        """A handle on an existing run (e.g. in a Ray Train worker, from the id the driver opened)."""
+        if not tracking_uri or not run_id:
+            return cls(None, None)
+        from mlflow import MlflowClient
+
+        return cls(MlflowClient(tracking_uri=tracking_uri), run_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params  # a reopened run keeps its params
+        items = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], *, step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def log_image(self, image, artifact_file: str) -> None:
+        """A PIL image or an (H, W, 3) uint8 array as an artifact (e.g. "grids/step-100.png")."""
+        if self.enabled:
+            self.client.log_image(self.run_id, image, artifact_file=artifact_file)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / Path(artifact_file).name
+                path.write_text(text)
+                parent = str(Path(artifact_file).parent)
+                self.client.log_artifact(self.run_id, str(path), None if parent == "." else parent)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def checkpoint_uri_of_run(tracking_uri: str, run_id: str, *, tag: str = "hdm.checkpoint") -> str:
+    """The final checkpoint URI (local path or s3://) a training stage run recorded in its `tag`."""
+    from mlflow import MlflowClient
+
+    uri = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).data.tags.get(tag)
+    if not uri:
+        raise LookupError(f"MLflow run {run_id} has no {tag!r} tag: no final checkpoint recorded yet")
+    return uri
