@@ -1,0 +1,88 @@
+"""One progressive-resolution training stage of the XUT denoiser on Ray Train.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/train_stage.py --res 512 --latents s3://bucket/latents --storage s3://bucket/runs
+
+Fields left out take the HDM recipe's value for --res (pipelines/configs.py RECIPE). --init-from auto (the
+default) starts from the final weights of the latest finished stage at a lower resolution (MLflow);
+relaunching with the same --name resumes the stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipelines.configs import StageConfig, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> StageConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="TOML file with StageConfig fields; flags override it")
+    ap.add_argument("--res", type=int, help="training resolution, px")
+    ap.add_argument("--latents", help="latent dataset root (precompute output), local or s3://")
+    ap.add_argument("--storage", help="checkpoint root, local or s3://; the run lives in STORAGE/NAME")
+    ap.add_argument("--name", help="run name (default train-RES); the same name resumes")
+    ap.add_argument("--model", help="preset: tiny, xut-small, xut-base, xut-large")
+    ap.add_argument("--text-encoder", help="transformers model id or path (default Qwen/Qwen3-0.6B)")
+    ap.add_argument("--vae", help="VAE for sample grids (default: the latents' manifest)")
+    ap.add_argument("--init-from", help="auto | none | checkpoint directory, s3:// URI or official .safetensors")
+    ap.add_argument("--steps", type=int, help="optimizer steps")
+    ap.add_argument("--warmup-steps", type=int)
+    ap.add_argument("--base-lr", type=float, help="muP base lr (per tensor: base / fan_in)")
+    ap.add_argument("--weight-decay", type=float)
+    ap.add_argument("--grad-clip", type=float)
+    ap.add_argument("--batch-size", type=int, help="per worker and micro-step")
+    ap.add_argument("--grad-accum", type=int)
+    ap.add_argument("--tread-rate", type=float, help="share of image tokens routed around the backbone")
+    ap.add_argument("--ctx-length", type=int, help="text tokens per caption")
+    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--caption-dropout", type=float, help="share of captions replaced by the null prompt")
+    ap.add_argument("--ema-decay", type=float)
+    ap.add_argument("--checkpoint-every", type=int)
+    ap.add_argument("--sample-every", type=int)
+    ap.add_argument("--log-every", type=int)
+    ap.add_argument("--workers", type=int, help="default 4 with GPUs, else 2")
+    ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--max-failures", type=int, help="worker failures to recover from")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--mlflow-uri", help="default $MLFLOW_TRACKING_URI, else sqlite under ~/.hdm")
+    ap.add_argument("--experiment")
+    ap.add_argument("--parent-run-id")
+    ap.add_argument("--s3-endpoint")
+    ap.add_argument("--s3-profile")
+    args = vars(ap.parse_args(argv))
+    renames = {"sample_every": "sample.every", "mlflow_uri": "tracking.uri", "experiment": "tracking.experiment",
+               "parent_run_id": "tracking.parent_run_id", "s3_endpoint": "s3.endpoint_url",
+               "s3_profile": "s3.profile"}
+    path = args.pop("config")
+    return load_config(StageConfig, path, {renames.get(k, k): v for k, v in args.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    try:
+        config = parse_args(argv)
+    except ValidationError as e:
+        print(f"invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from pipelines.training import run_stage
+
+    ray.init()
+    try:
+        summary = run_stage(config)
+    except (LookupError, FileNotFoundError, ValueError) as e:
+        print(f"train_stage refused: {e}", file=sys.stderr)
+        return 3
+    print(summary.format(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

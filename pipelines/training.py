@@ -1,0 +1,459 @@
+"""A progressive-resolution training stage on Ray Train (jobs/train_stage.py).
+
+Driver: resolve the latents, the starting weights (`init_from`), the MLflow stage run; launch a
+`TorchTrainer` whose workers read LATENTS/res=R through Ray Data (equal shards, drop_last).
+Worker: per micro-batch, a fresh shifted square crop of each stored latent in latent space (posterior
+resampled when its std is stored), captions encoded online by the frozen text encoder (some replaced by
+the null prompt), the flow-matching loss with TREAD; muP AdamW, warm-up + cosine, accumulation, clipping,
+optional EMA; checkpoints every K steps through `ray.train.report`, resumed on relaunch or worker failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import torch
+
+from .configs import S3Options, StageConfig
+from .latent_store import read_manifest, res_dir
+from .storage import resolve
+from .tracking import StageRun
+
+STATE_NAME = "training_state.pt"
+EMA_NAME = "ema.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side
+
+class LatentBatcher:
+    """Rows of the latent Parquet -> model inputs: square crops, their positions, log aspect, captions."""
+
+    def __init__(self, *, caption_dropout: float, seed: int):
+        self.caption_dropout = caption_dropout
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        from hdm_model import crop_latent
+
+        latents, positions = [], []
+        for i, raw in enumerate(batch["latent"]):
+            shape = tuple(int(s) for s in batch["latent_shape"][i])
+            z = torch.from_numpy(np.frombuffer(raw, np.float16).reshape(shape).astype(np.float32))
+            std = batch["latent_std"][i] if "latent_std" in batch else None
+            if std is not None:  # a fresh posterior sample, as HDM trains on .sample()
+                s = torch.from_numpy(np.frombuffer(std, np.float16).reshape(shape).astype(np.float32))
+                z = z + s * torch.randn(shape, generator=self.gen)
+            crop, pos = crop_latent(z, generator=self.gen)
+            latents.append(crop)
+            positions.append(pos)
+        captions = ["" if self.rng.random() < self.caption_dropout else str(c) for c in batch["caption"]]
+        aspect = torch.log(torch.as_tensor(batch["aspect"], dtype=torch.float32))
+        return torch.stack(latents), torch.stack(positions), aspect, captions
+
+
+class EMA:
+    """Exponential moving average of the weights, kept in float32 beside the model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for k, v in model.state_dict().items():
+            self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def _checkpoint_meta(cfg: StageConfig, model_config, vae: str) -> dict[str, Any]:
+    return {"model": model_config.to_dict(), "text_encoder": {"id": cfg.text_encoder, "max_length": cfg.ctx_length},
+            "vae": vae, "stage": cfg.model_dump(mode="json")}
+
+
+def save_checkpoint(directory: Path, *, model, cfg: StageConfig, vae: str, optimizer, scheduler, ema: EMA | None,
+                    progress: dict[str, int], rng: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    from hdm_model.denoiser import CONFIG_NAME, WEIGHTS_NAME
+
+    net = _unwrap(model)
+    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, directory / WEIGHTS_NAME)
+    if ema is not None:
+        save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, directory / EMA_NAME)
+    (directory / CONFIG_NAME).write_text(json.dumps(_checkpoint_meta(cfg, net.config, vae), indent=2))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **progress, "rng": rng},
+               directory / STATE_NAME)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of the weights (sorted names, float32 bytes): lineage checks across stages."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_weights(model: torch.nn.Module, directory: str) -> None:
+    """Denoiser weights of a checkpoint directory (our names) or a released HDM .safetensors file."""
+    from safetensors.torch import load_file
+
+    from hdm_model.denoiser import WEIGHTS_NAME
+    from hdm_model.official import official_to_ours
+
+    path = Path(directory)
+    if path.is_dir():
+        state = load_file(path / WEIGHTS_NAME)
+    else:
+        state = official_to_ours(load_file(path), _unwrap(model).config)
+    missing, unexpected = _unwrap(model).load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise KeyError(f"weights in {directory} do not fit this model: missing {sorted(missing)[:10]}, "
+                       f"unexpected {sorted(unexpected)[:10]}")
+
+
+def train_loop(loop_config: dict) -> None:
+    """One Ray Train worker: the training loop reads like its table of contents."""
+    import ray.train
+    import ray.train.torch
+
+    from hdm_model import (TextEncoder, build_denoiser, build_optimizer, flow_matching_loss,
+                           warmup_cosine_schedule)
+
+    cfg = StageConfig.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.seed)
+    text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, max_length=cfg.ctx_length, device=device)
+    model = build_denoiser(cfg.model, ctx_dim=text_encoder.hidden_size, tread_rate=cfg.tread_rate,
+                           grad_checkpointing=cfg.grad_checkpointing, attn_kernel=cfg.attn_kernel)
+    resume = ray.train.get_checkpoint()
+    init = loop_config["init_from"]
+    if resume is None and init:
+        with _local(init, loop_config["s3"]) as path:
+            load_weights(model, path)
+    model = ray.train.torch.prepare_model(model)
+    net = _unwrap(model)
+    optimizer = build_optimizer(net, base_lr=cfg.base_lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+    ema = EMA(net, cfg.ema_decay) if cfg.ema_decay else None
+    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+    if resume is not None:
+        with resume.as_directory() as d:
+            progress = _restore(Path(d), net, optimizer, scheduler, ema)
+    run = StageRun.attach(tracking_uri=loop_config["tracking_uri"], run_id=loop_config["run_id"]) if rank == 0 \
+        else StageRun(None, None)
+    if resume is not None:
+        run.set_tags({"hdm.resumed_at_step": progress["step"]})
+    elif init:
+        run.set_tags({"hdm.init_weights_sha256": weights_digest(net)})
+    batcher = LatentBatcher(caption_dropout=cfg.caption_dropout, seed=cfg.seed + 7919 * rank + progress["step"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
+    shard = ray.train.get_dataset_shard("train")
+    meter = _Meter()
+    micro = 0
+    loss_sum = 0.0
+
+    def train_step() -> None:
+        nonlocal loss_sum
+        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(net)
+        progress["step"] += 1
+        meter.record(loss_sum / cfg.grad_accum, float(grad_norm))
+        loss_sum = 0.0
+
+    def log() -> None:
+        stats = meter.flush(samples_per_step=cfg.batch_size * cfg.grad_accum * world,
+                            tokens_per_sample=(cfg.res // 16) ** 2)
+        stats["lr"] = cfg.base_lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0]  # muP base lr in effect
+        run.log_metrics(stats, step=progress["step"])
+        if rank == 0:
+            eta = (cfg.steps - progress["step"]) / max(stats["steps_per_s"], 1e-9)
+            print(f"[{cfg.run_name}] step {progress['step']}/{cfg.steps} loss {stats['loss']:.4f} "
+                  f"{stats['samples_per_s']:.1f} samples/s data-wait {stats['data_wait']:.1%} "
+                  f"ETA {eta / 60:.1f} min", flush=True)
+
+    def maybe_sample() -> None:
+        final = progress["step"] >= cfg.steps
+        if rank == 0 and (final or progress["step"] % cfg.sample.every == 0):
+            _log_samples(run, net, ema, text_encoder, loop_config["vae"], cfg, device, progress["step"])
+
+    def maybe_checkpoint() -> None:
+        final = progress["step"] >= cfg.steps
+        metrics = {"step": progress["step"], "loss": meter.last_loss}
+        if not (final or progress["step"] % cfg.checkpoint_every == 0):
+            return
+        if final:
+            run.set_tags({"hdm.final_weights_sha256": weights_digest(net)})
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                save_checkpoint(Path(tmp), model=model, cfg=cfg, vae=loop_config["vae"], optimizer=optimizer,
+                                scheduler=scheduler, ema=ema, progress=dict(progress), rng=_rng_state())
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    skip = progress["batch_in_epoch"]  # resume the data position within the interrupted epoch
+    while progress["step"] < cfg.steps:
+        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                                     prefetch_batches=2)
+        meter.wait_start()
+        for batch in batches:
+            if skip:
+                skip -= 1
+                meter.wait_start()
+                continue
+            meter.wait_end()
+            z0, pos, aspect, captions = batcher(batch)
+            ctx_states = text_encoder(captions, padding="max_length").float()
+            z0, pos, aspect, ctx_states = (t.to(device) for t in (z0, pos, aspect, ctx_states))
+            micro += 1
+            sync = micro % cfg.grad_accum == 0
+            with (_nullcontext() if sync or world == 1 else model.no_sync()), autocast:
+                loss = flow_matching_loss(model, z0, ctx_states, pos_map=pos, aspect=aspect)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item()
+            progress["batch_in_epoch"] += 1
+            if sync:
+                train_step()
+                if progress["step"] % cfg.log_every == 0 or progress["step"] in (1, cfg.steps):
+                    log()
+                maybe_sample()
+                maybe_checkpoint()
+                if progress["step"] >= cfg.steps:
+                    break
+            meter.wait_start()
+        else:
+            progress["epoch"] += 1
+            progress["batch_in_epoch"] = 0
+            if micro == 0:
+                raise RuntimeError(f"no batch of {cfg.batch_size} latents per worker in {cfg.latents}/res={cfg.res}")
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Meter:
+    """Loss, grad norm, throughput and the share of time spent waiting for data."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.wait = 0.0
+        self.since = time.perf_counter()
+        self._t = None
+        self.last_loss = float("nan")
+
+    def wait_start(self) -> None:
+        self._t = time.perf_counter()
+
+    def wait_end(self) -> None:
+        if self._t is not None:
+            self.wait += time.perf_counter() - self._t
+            self._t = None
+
+    def record(self, loss: float, grad_norm: float) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.last_loss = loss
+
+    def flush(self, *, samples_per_step: int, tokens_per_sample: int) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.since, 1e-9)
+        steps = len(self.losses)
+        out = {"loss": float(np.mean(self.losses)), "grad_norm": float(np.mean(self.grad_norms)),
+               "steps_per_s": steps / elapsed, "samples_per_s": steps * samples_per_step / elapsed,
+               "image_tokens_per_s": steps * samples_per_step * tokens_per_sample / elapsed,
+               "data_wait": self.wait / elapsed}
+        self.losses, self.grad_norms, self.wait, self.since = [], [], 0.0, time.perf_counter()
+        return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore(directory: Path, net, optimizer, scheduler, ema: EMA | None) -> dict[str, int]:
+    from safetensors.torch import load_file
+
+    from hdm_model.denoiser import WEIGHTS_NAME
+
+    net.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(next(net.parameters()).device)))
+    state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and (directory / EMA_NAME).exists():
+        ema.shadow = load_file(directory / EMA_NAME)
+    torch.set_rng_state(state["rng"]["torch"])
+    return {k: int(state[k]) for k in ("step", "epoch", "batch_in_epoch")}
+
+
+def _log_samples(run: StageRun, net, ema: EMA | None, text_encoder, vae_id: str, cfg: StageConfig, device,
+                 step: int) -> None:
+    """A grid of the fixed prompts x seeds (rows x columns) as an MLflow artifact."""
+    if not run.enabled:
+        return
+    from hdm_model import LatentVAE
+    from hdm_model.pipeline import HDMPipeline, make_grid
+
+    vae = LatentVAE.from_pretrained(vae_id, device=device)
+    was_training = net.training
+    pipe = HDMPipeline(net, text_encoder, vae)
+    images = pipe(cfg.sample.prompts, negative_prompt=cfg.sample.negative_prompt, width=cfg.res, height=cfg.res,
+                  steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, seeds=cfg.sample.seeds)
+    net.train(was_training)
+    run.log_image(make_grid(images, cols=len(cfg.sample.seeds)), f"samples/step-{step:07d}.png")
+
+
+class _local:
+    """A local path for a checkpoint URI: s3:// copied into a temporary directory."""
+
+    def __init__(self, uri: str, s3: dict):
+        self.uri, self.s3, self.tmp = uri, s3, None
+
+    def __enter__(self) -> str:
+        if not self.uri.startswith("s3://"):
+            return self.uri
+        import pyarrow.fs as pafs
+
+        fs, path = resolve(self.uri, S3Options.model_validate(self.s3))
+        self.tmp = tempfile.TemporaryDirectory()
+        pafs.copy_files(path, self.tmp.name, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        return self.tmp.name
+
+    def __exit__(self, *exc):
+        if self.tmp is not None:
+            self.tmp.cleanup()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver side
+
+@dataclass
+class StageSummary:
+    name: str
+    checkpoint: str
+    run_id: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def format(self) -> str:
+        return (f"{self.name}: final checkpoint {self.checkpoint}\n  step {self.metrics.get('step')}, "
+                f"last loss {self.metrics.get('loss', float('nan')):.4f}; MLflow run {self.run_id}")
+
+
+def latents_digest(manifest: dict[str, Any]) -> str:
+    """What identifies a latent dataset's content: VAE, statistics, transform and row counts."""
+    keys = ("vae_config_sha256", "latent_mean", "latent_std", "transform", "rows")
+    return hashlib.sha256(json.dumps({k: manifest.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def find_previous_stage(tracking_uri: str, cfg: StageConfig) -> tuple[str, str]:
+    """(run id, checkpoint URI) of the latest finished training run at the highest resolution below
+    this one, in the same experiment (and pipeline run, when there is one)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    filters = ["tags.`hdm.stage` = 'train'", "attributes.status = 'FINISHED'"]
+    if cfg.tracking.parent_run_id:
+        filters.append(f"tags.`mlflow.parentRunId` = '{cfg.tracking.parent_run_id}'")
+    runs = client.search_runs([exp.experiment_id], " and ".join(filters), order_by=["attributes.end_time DESC"]) \
+        if exp else []
+    lower = [r for r in runs if int(r.data.tags.get("hdm.res", 0)) < cfg.res and r.data.tags.get("hdm.checkpoint")]
+    if not lower:
+        raise LookupError(
+            f"--init-from auto found no finished training run below {cfg.res} px in MLflow experiment "
+            f"{cfg.tracking.experiment!r} at {tracking_uri}; pass --init-from CHECKPOINT_URI, or --init-from none "
+            "to start from fresh weights")
+    best = max(lower, key=lambda r: (int(r.data.tags["hdm.res"]), r.info.end_time or 0))
+    return best.info.run_id, best.data.tags["hdm.checkpoint"]
+
+
+def run_stage(config: StageConfig) -> StageSummary:
+    """Run one stage on the Ray cluster this process is connected to."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    fs, root = resolve(config.latents, config.s3)
+    manifest = read_manifest(fs, root)
+    if manifest is None:
+        raise FileNotFoundError(f"{config.latents} has no manifest.json: run precompute_latents.py first")
+    if config.res not in manifest["resolutions"]:
+        raise ValueError(f"{config.latents} has no res={config.res} latents (it has {manifest['resolutions']})")
+    vae = config.vae or manifest["vae"]
+    tracking_uri = config.tracking.resolved_uri()
+    prev_run, init_from = None, None
+    if config.init_from == "auto":
+        prev_run, init_from = find_previous_stage(tracking_uri, config)
+    elif config.init_from != "none":
+        init_from = config.init_from
+    run = StageRun.open(tracking_uri=tracking_uri, experiment=config.tracking.experiment,
+                        stage_key=config.tracking.stage_key or f"{config.tracking.parent_run_id or ''}/{config.run_name}",
+                        run_name=config.tracking.run_name or config.run_name, parent_run_id=config.tracking.parent_run_id,
+                        tags={"hdm.stage": "train", "hdm.res": config.res, "hdm.latents": config.latents,
+                              "hdm.latents_digest": latents_digest(manifest), "hdm.init_from": init_from or "none",
+                              "hdm.prev_run": prev_run or "none"})
+    run.log_params(config.model_dump(mode="json"))
+    resources = ray.cluster_resources()
+    use_gpu = config.use_gpu if config.use_gpu is not None else resources.get("GPU", 0) > 0
+    workers = config.workers or (4 if use_gpu else 2)
+    # Leave one CPU to Ray Data's read tasks: workers that take every CPU starve their own input.
+    cpus = min(1.0, max(0.25, (resources.get("CPU", 1) - 1) / workers))
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the workers' log lines say more
+    out_fs, out_root = resolve(config.storage, config.s3)
+    ds = ray.data.read_parquet(res_dir(root, config.res), filesystem=fs,
+                               columns=["key", "caption", "latent", "latent_shape", "latent_std", "aspect"])
+    stored = sum(f.size for f in fs.get_file_info(pafs.FileSelector(res_dir(root, config.res), recursive=True))
+                 if f.type == pafs.FileType.File)
+    if stored < config.cache_latents_below_mb * 2**20:
+        ds = ds.materialize()  # small sets stay in the object store: epochs no longer re-read the files
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "init_from": init_from, "vae": vae,
+                           "run_id": run.run_id, "tracking_uri": tracking_uri,
+                           "s3": config.s3.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=config.run_name, storage_path=out_root,
+                             storage_filesystem=out_fs if config.storage.startswith("s3://") else None,
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ds})
+    try:
+        result = trainer.fit()
+    except Exception:
+        run.finish("FAILED")
+        raise
+    path = result.checkpoint.path
+    checkpoint = f"s3://{path}" if config.storage.startswith("s3://") else path
+    run.set_tags({"hdm.checkpoint": checkpoint})
+    run.finish()
+    return StageSummary(name=config.run_name, checkpoint=checkpoint, run_id=run.run_id, metrics=dict(result.metrics))
