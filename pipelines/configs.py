@@ -149,7 +149,7 @@ class VAETrainConfig(StrictModel):
     eval_images: int = Field(16, ge=1)  # held out (by key hash), reconstruction and equivariance metrics
     stats_images: int = Field(256, ge=1)  # images encoded for the latent mean/std written into the config
     log_every: int = Field(10, ge=1)
-    workers: int = Field(1, ge=1)
+    workers: int | None = Field(None, ge=1)  # default: 4 when the cluster has GPUs, else 2
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     seed: int = 0
     max_pixels: int = Field(100_000_000, ge=1)

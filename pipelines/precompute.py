@@ -239,7 +239,7 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
     summary = PrecomputeSummary(output=config.output, inputs_listed=len(units))
     if units:
         sink = LatentDatasink(out_fs, out_root, config.rows_per_file)
-        _build_dataset(config, in_fs, units, fmt, done, spec).write_datasink(sink)
+        _build_dataset(config, in_fs, units, fmt, done, spec).write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
         summary.rows = {int(r): n for r, n in sink.stats["rows"].items()}
         summary.errors = {reason.split(":", 1)[0]: n for reason, n in _by_code(sink.stats["errors"]).items()}
 
@@ -258,8 +258,10 @@ def _by_code(reasons: Counter) -> Counter:
 
 def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, done: dict, spec: TransformSpec):
     ds = ray.data.from_items([dataclasses.asdict(u) for u in units])
+    # a folder is read one encoder batch of files per task: each block then feeds one encoder call, so several
+    # encoders share the work evenly (16 files per block left all of a small job to one encoder)
     ds = ds.map_batches(ReadStage(fs, config.resolutions, ray.put(done)), batch_format="pyarrow",
-                        batch_size=1 if fmt != "folder" else 16, num_cpus=0.5)
+                        batch_size=1 if fmt != "folder" else config.batch_size, num_cpus=0.5)
     if config.limit is not None:
         ds = ds.limit(config.limit)
     captioning = config.caption.mode == "model"
@@ -276,13 +278,18 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     gpus = config.gpus_per_encoder
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    cpus = 1.0  # unlike the tasks' 0.5: no fusion
+    if not gpus:  # CPU encoders use their share of the cores (torch threads) whatever they ask for: ask for less
+        # than a CPU each where needed, so that one encoder per core still leaves a read/decode/write task room to run
+        spare = ray.cluster_resources().get("CPU", 1.0) - 0.5 - (0.5 * config.caption.actors if captioning else 0)
+        cpus = min(1.0, max(spare, 0.1) / config.encoders)
     return ds.map_batches(EncodeStage, fn_constructor_kwargs=dict(vae=config.vae, use_gpu=gpus > 0,
                                                                  threads=config.threads_per_encoder,
                                                                  actors=config.encoders,
                                                                  batch_size=config.batch_size,
                                                                  store_std=config.store_std),
                           compute=ray.data.ActorPoolStrategy(size=config.encoders), batch_size=config.batch_size,
-                          batch_format="pyarrow", num_gpus=gpus or None, num_cpus=1)  # unlike the tasks: no fusion
+                          batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus)
 
 
 __all__ = ["run_precompute", "PrecomputeSummary", "ManifestMismatch"]

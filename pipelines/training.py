@@ -25,6 +25,7 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
+from .cluster import scaling
 from .configs import S3Options, StageConfig
 from .latent_store import read_manifest, res_dir
 from .storage import resolve
@@ -400,7 +401,7 @@ def find_previous_stage(tracking_uri: str, cfg: StageConfig) -> tuple[str, str]:
 
 def run_stage(config: StageConfig) -> StageSummary:
     """Run one stage on the Ray cluster this process is connected to."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     fs, root = resolve(config.latents, config.s3)
@@ -423,11 +424,6 @@ def run_stage(config: StageConfig) -> StageSummary:
                               "hdm.latents_digest": latents_digest(manifest), "hdm.init_from": init_from or "none",
                               "hdm.prev_run": prev_run or "none"})
     run.log_params(config.model_dump(mode="json"))
-    resources = ray.cluster_resources()
-    use_gpu = config.use_gpu if config.use_gpu is not None else resources.get("GPU", 0) > 0
-    workers = config.workers or (4 if use_gpu else 2)
-    # Leave one CPU to Ray Data's read tasks: workers that take every CPU starve their own input.
-    cpus = min(1.0, max(0.25, (resources.get("CPU", 1) - 1) / workers))
     ray.data.DataContext.get_current().enable_progress_bars = False  # the workers' log lines say more
     out_fs, out_root = resolve(config.storage, config.s3)
     ds = ray.data.read_parquet(res_dir(root, config.res), filesystem=fs,
@@ -441,7 +437,7 @@ def run_stage(config: StageConfig) -> StageSummary:
         train_loop_config={"config": config.model_dump(mode="json"), "init_from": init_from, "vae": vae,
                            "run_id": run.run_id, "tracking_uri": tracking_uri,
                            "s3": config.s3.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus}),
+        scaling_config=scaling(config.workers, config.use_gpu),
         run_config=RunConfig(name=config.run_name, storage_path=out_root,
                              storage_filesystem=out_fs if config.storage.startswith("s3://") else None,
                              failure_config=FailureConfig(max_failures=config.max_failures),

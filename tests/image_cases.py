@@ -103,3 +103,24 @@ def write_folder(directory: Path, selected: list[Case] | None = None) -> list[Ca
         if case.caption is not None:
             path.with_suffix(".txt").write_text(case.caption)
     return selected
+
+
+def smooth_images(directory: Path, n: int, *, seed: int = 0, sizes=(48, 64, 80)) -> list[Path]:
+    """n smooth, colourful images (gradients and soft blobs) a small VAE can learn to reconstruct."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        h, w = (int(rng.choice(sizes)) for _ in range(2))
+        y, x = np.mgrid[0:h, 0:w] / max(h, w)
+        channels = []
+        for _ in range(3):
+            cy, cx, r = rng.uniform(0, 1, 3) * (1, 1, 0.5) + (0, 0, 0.2)
+            blob = np.exp(-((y - cy) ** 2 + (x - cx) ** 2) / (2 * r**2))
+            ramp = rng.uniform(-1, 1) * x + rng.uniform(-1, 1) * y
+            channels.append(0.5 + 0.35 * blob - 0.25 + 0.25 * ramp)
+        arr = (np.clip(np.stack(channels, -1), 0, 1) * 255).astype(np.uint8)
+        path = directory / f"smooth_{i:03d}.png"
+        Image.fromarray(arr, "RGB").save(path)
+        paths.append(path)
+    return paths

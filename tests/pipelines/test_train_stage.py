@@ -88,7 +88,7 @@ def ray_driver(ray_cluster):
     ray.shutdown()
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(ray_driver, mlflow_server, models, tmp_path):
+def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, ray_driver, mlflow_server, models, tmp_path):
     from ray.util.state import list_actors
 
     from pipelines.training import run_stage
@@ -113,8 +113,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_driver, mlflow_server
         if runs and runs[0].data.metrics.get("loss") is not None:
             steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
             if max(steps) >= 12:  # past two checkpoints
-                workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                           ("state", "=", "ALIVE")])]
+                workers = list_actors(address=ray_cluster["RAY_ADDRESS"],
+                                      filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
                 killed = workers[-1].pid
                 os.kill(killed, signal.SIGKILL)
     assert killed is not None, "training never got past step 12"

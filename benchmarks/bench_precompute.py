@@ -1,0 +1,469 @@
+"""Latent precompute: the Ray Data job (`pipelines.precompute.run_precompute`) vs a plain single-process loop
+doing the same work on the same inputs, in one run; plus a streaming check of the job's peak memory.
+
+Inputs: N synthetic JPEGs (short side 300-900 px, long side up to 1200 px, aspect ratios 1:1 to 16:9 both
+ways) in a temp folder; a randomly initialised AutoencoderKL saved to a temp dir, by default with the SDXL VAE
+architecture (so the compute is the real one), `--vae-width small` or `tiny` for quick runs.
+
+Work per image, in both: read the bytes (pyarrow filesystem), `decode_image` + sha256, `resize_for_resolution`
+per resolution, `LatentVAE.encode` (mean and std) of the images of one batch grouped by size, exactly as
+`EncodeStage` groups them, fp16 conversion, output rows, and the Parquet write (`LatentWriter`): writing is
+INCLUDED in both, one file per batch (the job gets rows_per_file = batch_size).
+
+Throughput method: steady state = all N images over the time from "VAE loaded" to the end of the last Parquet
+write. The loop: timed after `LatentVAE.from_pretrained` returns. The job: from the end of its first encoder
+actor's constructor (the VAE load) to the end of its last Write task, both read from `ray.timeline()`; so the
+job's planning, worker start-up, imports and model load are left out (and reported), while anything it waits
+for after that (the first decoded batch, scheduling) counts. `ray.init` (cluster start) is timed apart and
+excluded. The job runs once per `--encoders` value (default: 1, the job's default, and one per core, each
+with cores/encoders torch threads) on a local cluster started by this script with `--cpus` CPUs. The N images
+are split over `--rounds` rounds (default 2); in each the loop and the job(s) process the same images, taking
+turns to go first, so that slow drifts in the machine's load hit both alike; rates are summed over rounds.
+
+Ray starts its workers at nice 15; this script sets RAY_worker_niceness=0 (flag `--ray-niceness`) so that the
+job runs at the loop's priority (on a machine shared with other busy processes, nice 15 starves the job and the
+comparison would measure priorities). The CPU taken by other people's processes during each phase is printed:
+the numbers are only trustworthy when it is near 0.
+
+Memory mode (`--memory N1 N2`): runs the job alone (tiny VAE, batch 16, 300-500 px images by default) on N1
+then N2 images, each on a fresh local cluster, sampling every 0.2 s the summed RSS (and every 1 s the PSS, which
+counts shared object-store pages once) of this driver and every process of the cluster it started (its
+descendants, from /proc). A streaming job's peak must not grow with N, nor from one quarter of a run to the next.
+
+    .venv/bin/python benchmarks/bench_precompute.py                 # throughput, SDXL-size VAE (~4 min)
+    .venv/bin/python benchmarks/bench_precompute.py --vae-width small --n 64 --res 256 512
+    .venv/bin/python benchmarks/bench_precompute.py --memory 100 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+VAE_WIDTHS = {"sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+              "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32),
+              "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=16)}
+ASPECTS = (1.0, 1.0, 4 / 3, 3 / 4, 3 / 2, 2 / 3, 16 / 9, 9 / 16)
+MAX_PIXELS, MAX_ASPECT = 100_000_000, 3.0  # the job's defaults
+
+
+def make_vae(directory: Path, width: str) -> Path:
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, sample_size=1024, scaling_factor=0.13025,
+                  **VAE_WIDTHS[width]).save_pretrained(directory)
+    return directory
+
+
+def make_images(directory: Path, n: int, *, short=(300, 900), long_max=1200, seed=0) -> float:
+    """n JPEGs of mixed sizes with smooth content plus texture (realistic JPEG sizes); returns mean MPx."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    mpx = 0.0
+    for i in range(n):
+        s = int(rng.integers(short[0], short[1] + 1))
+        aspect = ASPECTS[i % len(ASPECTS)]
+        w, h = (s, round(s / aspect)) if aspect < 1 else (round(s * aspect), s)
+        scale = min(1.0, long_max / max(w, h))
+        w, h = max(short[0], int(w * scale)), max(short[0], int(h * scale))
+        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([x / w, y / h, 0.5 + 0.5 * np.sin((x + y) / (20 + i % 7))], -1) * 200
+        texture = np.asarray(Image.fromarray(rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), np.uint8))
+                             .resize((w, h), Image.Resampling.BILINEAR), np.float32)
+        arr = np.clip(base + 0.25 * texture, 0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(directory / f"img{i:05d}.jpg", quality=90)
+        mpx += w * h / 1e6
+    return mpx / max(n, 1)
+
+
+def job_timeline(events: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """(start, end) epoch seconds of each task of the job's operators, from `ray.timeline()` (cat 'task::OP')."""
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for e in events:
+        cat = e.get("cat", "")
+        if e.get("ph") == "X" and cat.startswith("task::") and ("Stage" in cat or cat == "task::Write"):
+            spans.setdefault(cat[len("task::"):], []).append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6))
+    return spans
+
+
+# ---------------------------------------------------------------------------------------------------
+# The plain loop
+
+def run_loop(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int], batch_size: int,
+             store_std: bool = True) -> dict:
+    import pyarrow as pa
+    import torch
+
+    from hdm_model import LatentVAE
+    from pipelines.images import ImageError, TransformSpec, decode_image, resize_for_resolution
+    from pipelines.latent_store import OUTPUT_SCHEMA, LatentWriter
+    from pipelines.sources import list_units
+    from pipelines.storage import read_bytes, resolve
+
+    fs, root = resolve(str(input_dir))
+    _, units = list_units(fs, root)
+    out_fs, out_root = resolve(str(output))
+    writer, spec = LatentWriter(out_fs, out_root), TransformSpec(max_aspect=MAX_ASPECT)
+    t = time.perf_counter()
+    vae = LatentVAE.from_pretrained(str(vae_dir), chunk_size=batch_size)  # torch threads: all cores, as the actor
+    load_s = time.perf_counter() - t
+
+    split, clock = Counter(), time.perf_counter
+
+    def timed(stage, fn, *args):
+        t0 = clock()
+        result = fn(*args)
+        split[stage] += clock() - t0
+        return result
+
+    start = clock()
+    for b in range(0, len(units), batch_size):
+        jobs = []  # (unit, sha256, image size, res, pixels)
+        for unit in units[b:b + batch_size]:
+            data = timed("read", read_bytes, fs, unit.path)
+            try:
+                img, sha = timed("decode+sha256", lambda: (decode_image(data, max_pixels=MAX_PIXELS),
+                                                    hashlib.sha256(data).hexdigest()))
+            except ImageError:
+                continue
+            for r in resolutions:
+                try:
+                    jobs.append((unit, sha, img.size, r, timed("resize", resize_for_resolution, img, r, spec)))
+                except ImageError:
+                    pass
+        by_size: dict[tuple[int, int], list] = {}
+        for job in jobs:
+            by_size.setdefault(job[4].shape[:2], []).append(job)
+        rows = []
+        for (h, w), group in by_size.items():
+            def encode():
+                images = torch.from_numpy(np.stack([j[4] for j in group])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+                return vae.encode(images)
+            mean, std = timed("encode", encode)
+            t0 = clock()
+            mean, std = mean.half().numpy(), std.half().numpy()
+            for (unit, sha, (width, height), r, _), m, s in zip(group, mean, std):
+                rows.append({"kind": "latent", "res": r, "key": unit.key, "sha256": sha, "source": unit.path,
+                             "caption": "", "caption_source": "none", "width": width, "height": height,
+                             "resized_width": w, "resized_height": h, "aspect": w / h, "latent": m.tobytes(),
+                             "latent_shape": list(m.shape), "latent_std": s.tobytes() if store_std else None})
+            split["fp16 + rows"] += clock() - t0
+        if rows:
+            timed("parquet write", writer.write, pa.Table.from_pylist(rows, OUTPUT_SCHEMA))
+    return {"load_s": load_s, "total_s": clock() - start, "split": split, "n": len(units)}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Ray job
+
+def start_ray(cpus: int) -> float:
+    import ray
+
+    t = time.perf_counter()
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    return time.perf_counter() - t
+
+
+def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int], batch_size: int,
+            encoders: int, threads: int | None) -> dict:
+    """run_precompute, timed; steady state = from the first encoder actor ready to the end of the last write."""
+    import ray
+
+    from pipelines.configs import PrecomputeConfig
+    from pipelines.precompute import run_precompute
+
+    config = PrecomputeConfig(input=str(input_dir), output=str(output), resolutions=resolutions, vae=str(vae_dir),
+                              batch_size=batch_size, rows_per_file=batch_size, encoders=encoders,
+                              threads_per_encoder=threads)
+    wall0, t = time.time(), time.perf_counter()
+    summary = run_precompute(config)
+    total_s = time.perf_counter() - t
+    spans = {op: [(b, e) for b, e in sp if b >= wall0] for op, sp in job_timeline(ray.timeline()).items()}
+    inits = [end for op, s in spans.items() if op.endswith("(EncodeStage)).__init__") for _, end in s]
+    ready, last_write = min(inits), max(end for _, end in spans["Write"])
+    return {"total_s": total_s, "startup_s": ready - wall0, "steady_s": last_write - ready,
+            "finish_s": wall0 + total_s - last_write, "spans": spans, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling /proc: memory and CPU of this process and its descendants (the local Ray cluster it started)
+
+PAGE, TICK = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
+
+
+def _process_table() -> dict[int, tuple[int, float]]:
+    """pid -> (ppid, CPU seconds) of every process."""
+    table = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK)
+    return table
+
+
+def _descendants(table: dict[int, tuple[int, float]], root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    pids, todo = [], [root]
+    while todo:
+        pids.append(todo.pop())
+        todo.extend(children.get(pids[-1], []))
+    return pids
+
+
+def _rss_pss(pid: int, pss: bool) -> tuple[int, int]:
+    try:
+        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        if not pss:
+            return rss, 0
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+        return rss, next((int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:")), 0)
+    except (OSError, ValueError):
+        return 0, 0
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has been busy (all cores, everyone's processes)."""
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / TICK
+
+
+class ProcSampler(threading.Thread):
+    """Every `interval` s: summed RSS (and PSS) of this process and all its descendants, and their CPU time
+    (kept per pid, so processes that exit still count); on stop, the machine's busy time over the same span
+    tells how much CPU other people's processes took meanwhile."""
+
+    def __init__(self, interval: float = 0.2, pss: bool = False):
+        super().__init__(daemon=True)
+        self.interval, self.pss, self.stop_event = interval, pss, threading.Event()
+        self.peak_rss = self.peak_pss = self.samples = self.max_procs = 0
+        self.at_peak: list[tuple[int, int, str]] = []
+        self.cpu0: dict[int, float] = {pid: cpu for pid, (_, cpu) in _process_table().items()}
+        self.cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
+        self.series: list[tuple[float, int]] = []  # (seconds since start, RSS sum)
+        self.wall0, self.busy0 = time.perf_counter(), _machine_busy()
+
+    def sample(self) -> None:
+        table = _process_table()
+        pids = _descendants(table, os.getpid())
+        for pid in pids:
+            self.cpu[pid] = table[pid][1] - self.cpu0.get(pid, 0.0)
+            name = _name(pid)  # Ray renames a worker after the task or actor it runs
+            if name and (pid not in self.names or not name.startswith("ray::IDLE")):
+                self.names[pid] = name
+        with_pss = self.pss and self.samples % 5 == 0  # smaps_rollup costs ms per Ray process: once a second
+        per = {pid: _rss_pss(pid, with_pss) for pid in pids}
+        rss, pss = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+        self.samples, self.max_procs = self.samples + 1, max(self.max_procs, len(per))
+        self.series.append((time.perf_counter() - self.wall0, rss))
+        self.peak_pss = max(self.peak_pss, pss)
+        if rss > self.peak_rss:
+            self.peak_rss = rss
+            self.at_peak = sorted(((v[0], pid, _name(pid)) for pid, v in per.items()), reverse=True)[:5]
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            self.sample()
+            self.stop_event.wait(self.interval)
+
+    def stop(self) -> dict:
+        self.stop_event.set()
+        self.join()
+        self.sample()
+        wall, busy = time.perf_counter() - self.wall0, _machine_busy() - self.busy0
+        ours = sum(self.cpu.values())
+        top = sorted(((cpu, pid, self.names.get(pid, "?")) for pid, cpu in self.cpu.items()), reverse=True)
+        return {"wall": wall, "ours": ours / wall, "others": max(0.0, busy - ours) / wall, "top": top[:6]}
+
+    def quarter_peaks(self) -> list[int]:
+        """Peak RSS sum in each quarter of the sampled time (flat when the job streams)."""
+        end = self.series[-1][0]
+        return [max((r for t, r in self.series if q * end / 4 <= t <= (q + 1) * end / 4), default=0) for q in range(4)]
+
+
+def _name(pid: int) -> str:
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        if cmd.startswith("ray::"):
+            return cmd[:60].strip()
+        return (Path(f"/proc/{pid}/comm").read_text().strip() + ": " + cmd[:60]).strip()
+    except OSError:
+        return ""
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def throughput(args, tmp: Path) -> None:
+    import ray
+    import torch
+
+    t = time.perf_counter()
+    vae_dir = make_vae(tmp / "vae", args.vae_width)
+    per_round = args.n // args.rounds
+    mpx = [make_images(tmp / f"images-{r}", per_round, seed=args.seed + r) for r in range(args.rounds)]
+    n = per_round * args.rounds
+    print(f"setup: N = {n} JPEGs ({args.rounds} rounds x {per_round}, mean {sum(mpx) / len(mpx):.2f} MPx) and a random "
+          f"{args.vae_width} VAE {VAE_WIDTHS[args.vae_width]['block_out_channels']} in {time.perf_counter() - t:.1f} s;"
+          " "
+          f"res {args.res}, batch {args.batch_size}, {os.cpu_count()} cores; loop: torch threads "
+          f"{torch.get_num_threads()}; job: Ray workers at nice {os.environ['RAY_worker_niceness']} (the loop at "
+          f"{os.nice(0)})", flush=True)
+    loops, jobs, inits = [], {e: [] for e in args.encoders}, []
+    for r in range(args.rounds):  # the loop and the job take turns going first, on the same images per round
+        images = tmp / f"images-{r}"
+        for phase in ("loop", "ray") if (r % 2 == 0) == (args.order == "loop-first") else ("ray", "loop"):
+            if phase == "loop":
+                sampler = ProcSampler(0.5)
+                sampler.start()
+                loops.append(run_loop(images, tmp / f"out-loop-{r}", vae_dir, args.res, args.batch_size))
+                loops[-1]["cpu"] = sampler.stop()
+                continue
+            inits.append(start_ray(args.cpus))
+            try:
+                for encoders in args.encoders:
+                    sampler = ProcSampler(0.5)
+                    sampler.start()
+                    jobs[encoders].append(run_job(images, tmp / f"out-ray-{encoders}-{r}", vae_dir, args.res,
+                                                  args.batch_size, encoders, args.threads))
+                    jobs[encoders][-1]["cpu"] = sampler.stop()
+            finally:
+                ray.shutdown()
+        print(f"round {r + 1}/{args.rounds}: loop {per_round / loops[-1]['total_s']:.3f} images/s, " + ", ".join(
+            f"job {e} enc {per_round / j[-1]['steady_s']:.3f}" for e, j in jobs.items()) + " (steady)", flush=True)
+
+    loop_s = sum(x["total_s"] for x in loops)
+    loop_rate = n / loop_s
+    print(f"\n=== precompute throughput: N = {n} images, res {args.res}, batch {args.batch_size}, "
+          f"{args.vae_width} VAE, "
+          f"{args.cpus} CPUs; Parquet writing INCLUDED in both ===")
+    print("steady state = images / time from 'VAE loaded' to the end of the last Parquet write, summed over rounds. "
+          "Excluded: ray.init; the job's start-up until its first encoder actor has loaded the VAE (from "
+          "ray.timeline()); the loop's model load")
+    print(f"  plain loop, torch threads {torch.get_num_threads()}  : {loop_rate:6.3f} images/s  ({loop_s:.1f} s)")
+    for encoders, runs in jobs.items():
+        steady = sum(j["steady_s"] for j in runs)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // encoders)
+        print(f"  ray job, {encoders} encoder(s) x {threads} thread(s): {n / steady:6.3f} images/s  ({steady:.1f} s)   "
+              f"ratio ray/loop = {(n / steady) / loop_rate:.3f}  (per round: " + ", ".join(
+                  f"{x['total_s'] / j['steady_s']:.2f}" for x, j in zip(loops, runs)) + ")")
+    print(f"  start-up (excluded): ray.init {' / '.join(f'{s:.1f}' for s in inits)} s; loop model load "
+          + " / ".join(f"{x['load_s']:.2f}" for x in loops) + " s; job start -> encoder ready (planning, worker "
+          "start, imports, VAE load): " + "; ".join(f"{e} enc " + " / ".join(f"{j['startup_s']:.1f}" for j in runs)
+                                                   + " s" for e, runs in jobs.items()))
+    print("  whole run_precompute incl. start-up: " + "; ".join(
+        f"{e} enc {n / sum(j['total_s'] for j in runs):.3f} images/s" for e, runs in jobs.items()))
+    split = Counter()
+    for x in loops:
+        split.update(x["split"])
+    total = sum(split.values())
+    print(f"  plain-loop stage split ({total:.1f} s timed over {n} images):")
+    for stage, sec in split.items():
+        print(f"    {stage:14s} {100 * sec / total:5.1f} %  {1000 * sec / n:8.1f} ms/image")
+    for encoders, runs in jobs.items():
+        ops = Counter()
+        for j in runs:
+            ops.update({op: sum(e - b for b, e in sp) for op, sp in j["spans"].items()})
+        print(f"  ray job, {encoders} enc: seconds inside tasks (ray.timeline(), incl. argument deserialisation): "
+              + "; ".join(f"{op.replace('MapWorker(MapBatches(', '').replace('))', '')} {sec:.1f}"
+                          for op, sec in ops.items()))
+    print("  CPU (average cores per phase; 'others' = other people's processes on this shared machine):")
+    for name, runs in [("loop", loops)] + [(f"ray {e} enc", runs) for e, runs in jobs.items()]:
+        print(f"    {name:10s} " + "; ".join(f"ours {x['cpu']['ours']:.2f} others {x['cpu']['others']:.2f}"
+                                           for x in runs) + "; top (last round): " + "; ".join(
+            f"{pname.split(' ')[0][:40]} {cpu:.0f} s" for cpu, _, pname in runs[-1]["cpu"]["top"][:4]))
+    print("  job rows: " + "; ".join(f"{e} enc: " + ", ".join(f"{j['summary'].rows}" for j in runs)
+                                     for e, runs in jobs.items()) + "; errors: " + str(sum(
+        sum(j["summary"].errors.values()) for runs in jobs.values() for j in runs)))
+
+
+def memory(args, tmp: Path) -> None:
+    import ray
+
+    from pipelines.configs import PrecomputeConfig
+    from pipelines.precompute import run_precompute
+
+    vae_dir = make_vae(tmp / "vae", args.vae_width)
+    print(f"memory: {args.vae_width} VAE, res {args.res}, batch {args.batch_size}, images 300-500 px; RSS (and PSS) "
+          f"summed over this driver + every process of its local Ray cluster, sampled every 0.2 s", flush=True)
+    peaks = {}
+    for n in args.memory:
+        make_images(tmp / f"images-{n}", n, short=(300, 400), long_max=500, seed=args.seed)
+        start_ray(args.cpus)
+        sampler = ProcSampler(0.2, pss=True)
+        sampler.start()
+        t = time.perf_counter()
+        try:
+            summary = run_precompute(PrecomputeConfig(
+                input=str(tmp / f"images-{n}"), output=str(tmp / f"out-{n}"), resolutions=args.res, vae=str(vae_dir),
+                batch_size=args.batch_size, encoders=args.encoders[0], threads_per_encoder=args.threads))
+        finally:
+            sampler.stop()
+            ray.shutdown()
+        peaks[n] = sampler.peak_rss
+        print(f"  N = {n:5d}: {time.perf_counter() - t:.1f} s, rows {summary.rows}; peak RSS sum "
+              f"{sampler.peak_rss / 2**20:.0f} MiB, peak PSS sum {sampler.peak_pss / 2**20:.0f} MiB "
+              f"({sampler.samples} samples, up to {sampler.max_procs} processes)\n      peak RSS sum by quarter of the "
+              "run: " + " / ".join(f"{p / 2**20:.0f}" for p in sampler.quarter_peaks()) + " MiB; largest processes "
+              "at the RSS peak:", flush=True)
+        for rss, pid, name in sampler.at_peak:
+            print(f"      {rss / 2**20:6.0f} MiB  pid {pid}  {name}")
+    (n1, p1), (n2, p2) = list(peaks.items())[:2]
+    print(f"=== peak RSS: N={n1}: {p1 / 2**20:.0f} MiB, N={n2}: {p2 / 2**20:.0f} MiB "
+          f"(x{p2 / p1:.2f} for x{n2 / n1:.1f} the images) ===")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: ray.shutdown(), temp dirs
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=16,
+                    help="images in all (default 16: ~4 min with the SDXL-size VAE on 2 idle cores)")
+    ap.add_argument("--res", type=int, nargs="+", default=[256])
+    ap.add_argument("--batch-size", type=int, help="VAE batch; throughput: default 4, also the job's rows_per_file "
+                    "(one file per batch); memory: default 16 (the job's defaults)")
+    ap.add_argument("--vae-width", choices=list(VAE_WIDTHS), default=None, help="default: sdxl (memory: tiny)")
+    ap.add_argument("--encoders", type=int, nargs="+", default=[1, os.cpu_count()],
+                    help="job: VAE actors, one job run per value (default: 1, the job's default, and one per core)")
+    ap.add_argument("--threads", type=int, default=None, help="job: torch threads per encoder (default: its own)")
+    ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="num_cpus of the local Ray cluster")
+    ap.add_argument("--ray-niceness", type=int, default=0,
+                    help="nice value of Ray's workers (Ray's own default is 15, which on a machine shared with other "
+                    "busy processes starves the job; 0 = the loop's priority)")
+    ap.add_argument("--rounds", type=int, default=2, help="the N images are split over this many rounds; in each, the "
+                    "loop and the job run on the same images, taking turns to go first (default 2)")
+    ap.add_argument("--order", choices=["loop-first", "ray-first"], default="loop-first", help="in the first round")
+    ap.add_argument("--memory", type=int, nargs=2, metavar=("N1", "N2"), help="peak-memory check instead")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    args.vae_width = args.vae_width or ("tiny" if args.memory else "sdxl")
+    args.batch_size = args.batch_size or (16 if args.memory else 4)
+    os.environ["RAY_worker_niceness"] = str(args.ray_niceness)  # read by the raylet that ray.init starts
+    with tempfile.TemporaryDirectory(prefix="bench-precompute-") as tmp:
+        (memory if args.memory else throughput)(args, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""EQ-VAE: fine-tune a diffusers AutoencoderKL (hub id or path) or train a named small one from scratch,
+on Ray Train, with the equivariance regulariser of EQ-VAE. The trained VAE, with its latent mean/std in
+its config, is saved to --output (local or s3://): that URI is what the precompute stage consumes.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python jobs/train_vae.py --input IMAGES --output s3://bucket/vae --vae tiny --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from pipelines.configs import VAETrainConfig, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="TOML file with VAETrainConfig fields; flags override it")
+    ap.add_argument("--input", help="images, as for precompute_latents.py: local path or s3:// URI")
+    ap.add_argument("--output", help="where the trained VAE is saved (save_pretrained layout)")
+    ap.add_argument("--input-format", choices=["auto", "parquet", "webdataset", "folder"])
+    ap.add_argument("--vae", help="hub id or path to fine-tune, or 'tiny' / 'small' to train from scratch")
+    ap.add_argument("--crop-size", type=int, help="square training crops, px (multiple of 16)")
+    ap.add_argument("--train", choices=["both", "encoder", "decoder"], help="which parts train (default both)")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch-size", type=int, help="images per worker and step")
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--weight-decay", type=float)
+    ap.add_argument("--grad-clip", type=float)
+    ap.add_argument("--p-eq", type=float, help="probability of the equivariance transform per batch (0 = off)")
+    ap.add_argument("--kl-weight", type=float)
+    ap.add_argument("--pixel-loss", choices=["l1", "mse", "l1+mse"])
+    ap.add_argument("--eval-images", type=int, help="held-out images for PSNR / equivariance error")
+    ap.add_argument("--stats-images", type=int, help="images encoded for latents_mean / latents_std")
+    ap.add_argument("--workers", type=int, help="Ray Train workers (DDP)")
+    ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--mlflow-uri", help="tracking server (default: $MLFLOW_TRACKING_URI; none: no tracking)")
+    ap.add_argument("--experiment", help="MLflow experiment (default hdm)")
+    ap.add_argument("--parent-run-id", help="the pipeline's MLflow run")
+    ap.add_argument("--s3-endpoint")
+    ap.add_argument("--s3-profile")
+    args = vars(ap.parse_args(argv))
+    renames = {"mlflow_uri": "tracking.uri", "experiment": "tracking.experiment",
+               "parent_run_id": "tracking.parent_run_id", "s3_endpoint": "s3.endpoint_url",
+               "s3_profile": "s3.profile"}
+    path = args.pop("config")
+    return load_config(VAETrainConfig, path, {renames.get(k, k): v for k, v in args.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    try:
+        config = parse_args(argv)
+    except ValidationError as e:
+        print(f"invalid configuration:\n{e}", file=sys.stderr)
+        return 2
+    import ray
+
+    from pipelines.vae_training import run_vae_training
+
+    ray.init()
+    print(run_vae_training(config).format(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
