@@ -11,14 +11,16 @@ per resolution, `LatentVAE.encode` (mean and std) of the images of one batch gro
 INCLUDED in both, one file per batch (the job gets rows_per_file = batch_size).
 
 Throughput method: steady state = all N images over the time from "VAE loaded" to the end of the last Parquet
-write. The loop: timed after `LatentVAE.from_pretrained` returns. The job: from the end of its first encoder
-actor's constructor (the VAE load) to the end of its last Write task, both read from `ray.timeline()`; so the
-job's planning, worker start-up, imports and model load are left out (and reported), while anything it waits
-for after that (the first decoded batch, scheduling) counts. `ray.init` (cluster start) is timed apart and
-excluded. The job runs once per `--encoders` value (default: 1, the job's default, and one per core, each
-with cores/encoders torch threads) on a local cluster started by this script with `--cpus` CPUs. The N images
-are split over `--rounds` rounds (default 2); in each the loop and the job(s) process the same images, taking
-turns to go first, so that slow drifts in the machine's load hit both alike; rates are summed over rounds.
+write. The loop: timed after `LatentVAE.from_pretrained` returns. The job: from the end of its last encoder
+actor's constructor (the VAE load) to the end of its last Write task, both read from `ray.timeline()`, with
+Ray Data told to start processing only once all encoders are up (`DataContext.wait_for_min_actors_s`); so the
+job's planning, worker start-up, imports and model load are left out (and reported), while everything after
+that (reading and decoding the first batch, scheduling, starting workers for the Write tasks) counts.
+`ray.init` (cluster start) is timed apart and excluded. The job runs once per `--encoders` value (default: 1,
+the job's default, and one per core, each with cores/encoders torch threads) on a local cluster started by this
+script with `--cpus` CPUs. The N images are split over `--rounds` rounds (default 2); in each the loop and the
+job(s) process the same images, taking turns to go first, so that slow drifts in the machine's load hit both
+alike; rates are summed over rounds.
 
 Ray starts its workers at nice 15; this script sets RAY_worker_niceness=0 (flag `--ray-niceness`) so that the
 job runs at the loop's priority (on a machine shared with other busy processes, nice 15 starves the job and the
@@ -185,7 +187,7 @@ def start_ray(cpus: int) -> float:
 
 def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int], batch_size: int,
             encoders: int, threads: int | None) -> dict:
-    """run_precompute, timed; steady state = from the first encoder actor ready to the end of the last write."""
+    """run_precompute, timed; steady state = from all encoder actors ready to the end of the last write."""
     import ray
 
     from pipelines.configs import PrecomputeConfig
@@ -194,12 +196,15 @@ def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int]
     config = PrecomputeConfig(input=str(input_dir), output=str(output), resolutions=resolutions, vae=str(vae_dir),
                               batch_size=batch_size, rows_per_file=batch_size, encoders=encoders,
                               threads_per_encoder=threads)
+    # start processing once every encoder has loaded the VAE (else the first one ready takes the first batches
+    # and a short run measures one encoder); the read/decode of the first batch then counts, as in the loop
+    ray.data.DataContext.get_current().wait_for_min_actors_s = 3600
     wall0, t = time.time(), time.perf_counter()
     summary = run_precompute(config)
     total_s = time.perf_counter() - t
     spans = {op: [(b, e) for b, e in sp if b >= wall0] for op, sp in job_timeline(ray.timeline()).items()}
     inits = [end for op, s in spans.items() if op.endswith("(EncodeStage)).__init__") for _, end in s]
-    ready, last_write = min(inits), max(end for _, end in spans["Write"])
+    ready, last_write = max(inits), max(end for _, end in spans["Write"])
     return {"total_s": total_s, "startup_s": ready - wall0, "steady_s": last_write - ready,
             "finish_s": wall0 + total_s - last_write, "spans": spans, "summary": summary}
 
@@ -234,15 +239,19 @@ def _descendants(table: dict[int, tuple[int, float]], root: int) -> list[int]:
     return pids
 
 
-def _rss_pss(pid: int, pss: bool) -> tuple[int, int]:
+def _memory(pid: int, pss: bool) -> tuple[int, int, int]:
+    """(RSS, RssShmem, PSS or 0) in bytes; RssShmem is mostly the pages of Ray's object store (/dev/shm) the
+    process has touched, counted again in every process that maps them."""
     try:
-        rss = int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+        status = {k: v for k, _, v in (line.partition(":") for line in lines)}
+        rss, shmem = (int(status[k].split()[0]) * 1024 for k in ("VmRSS", "RssShmem"))
         if not pss:
-            return rss, 0
+            return rss, shmem, 0
         rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-        return rss, next((int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:")), 0)
-    except (OSError, ValueError):
-        return 0, 0
+        return rss, shmem, next((int(line.split()[1]) * 1024 for line in rollup if line.startswith("Pss:")), 0)
+    except (OSError, ValueError, KeyError):
+        return 0, 0, 0
 
 
 def _machine_busy() -> float:
@@ -259,12 +268,12 @@ class ProcSampler(threading.Thread):
     def __init__(self, interval: float = 0.2, pss: bool = False):
         super().__init__(daemon=True)
         self.interval, self.pss, self.stop_event = interval, pss, threading.Event()
-        self.peak_rss = self.peak_pss = self.samples = self.max_procs = 0
+        self.peak_rss = self.peak_pss = self.peak_private = self.samples = self.max_procs = 0
         self.at_peak: list[tuple[int, int, str]] = []
         self.cpu0: dict[int, float] = {pid: cpu for pid, (_, cpu) in _process_table().items()}
         self.cpu: dict[int, float] = {}
         self.names: dict[int, str] = {}
-        self.series: list[tuple[float, int]] = []  # (seconds since start, RSS sum)
+        self.series: list[tuple[float, int, int]] = []  # (seconds since start, RSS sum, RSS - RssShmem sum)
         self.wall0, self.busy0 = time.perf_counter(), _machine_busy()
 
     def sample(self) -> None:
@@ -276,11 +285,11 @@ class ProcSampler(threading.Thread):
             if name and (pid not in self.names or not name.startswith("ray::IDLE")):
                 self.names[pid] = name
         with_pss = self.pss and self.samples % 5 == 0  # smaps_rollup costs ms per Ray process: once a second
-        per = {pid: _rss_pss(pid, with_pss) for pid in pids}
-        rss, pss = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+        per = {pid: _memory(pid, with_pss) for pid in pids}
+        rss, shmem, pss = (sum(v[i] for v in per.values()) for i in range(3))
         self.samples, self.max_procs = self.samples + 1, max(self.max_procs, len(per))
-        self.series.append((time.perf_counter() - self.wall0, rss))
-        self.peak_pss = max(self.peak_pss, pss)
+        self.series.append((time.perf_counter() - self.wall0, rss, rss - shmem))
+        self.peak_pss, self.peak_private = max(self.peak_pss, pss), max(self.peak_private, rss - shmem)
         if rss > self.peak_rss:
             self.peak_rss = rss
             self.at_peak = sorted(((v[0], pid, _name(pid)) for pid, v in per.items()), reverse=True)[:5]
@@ -299,10 +308,11 @@ class ProcSampler(threading.Thread):
         top = sorted(((cpu, pid, self.names.get(pid, "?")) for pid, cpu in self.cpu.items()), reverse=True)
         return {"wall": wall, "ours": ours / wall, "others": max(0.0, busy - ours) / wall, "top": top[:6]}
 
-    def quarter_peaks(self) -> list[int]:
-        """Peak RSS sum in each quarter of the sampled time (flat when the job streams)."""
+    def quarter_peaks(self, column: int) -> str:
+        """Peak of a series column (1: RSS, 2: RSS - RssShmem) in each quarter of the run, in MiB."""
         end = self.series[-1][0]
-        return [max((r for t, r in self.series if q * end / 4 <= t <= (q + 1) * end / 4), default=0) for q in range(4)]
+        quarters = [[x[column] for x in self.series if q * end / 4 <= x[0] <= (q + 1) * end / 4] for q in range(4)]
+        return " / ".join(f"{max(values, default=0) / 2**20:.0f}" for values in quarters)
 
 
 def _name(pid: int) -> str:
@@ -326,12 +336,11 @@ def throughput(args, tmp: Path) -> None:
     per_round = args.n // args.rounds
     mpx = [make_images(tmp / f"images-{r}", per_round, seed=args.seed + r) for r in range(args.rounds)]
     n = per_round * args.rounds
-    print(f"setup: N = {n} JPEGs ({args.rounds} rounds x {per_round}, mean {sum(mpx) / len(mpx):.2f} MPx) and a random "
-          f"{args.vae_width} VAE {VAE_WIDTHS[args.vae_width]['block_out_channels']} in {time.perf_counter() - t:.1f} s;"
-          " "
-          f"res {args.res}, batch {args.batch_size}, {os.cpu_count()} cores; loop: torch threads "
-          f"{torch.get_num_threads()}; job: Ray workers at nice {os.environ['RAY_worker_niceness']} (the loop at "
-          f"{os.nice(0)})", flush=True)
+    print(f"setup: N = {n} JPEGs ({args.rounds} rounds x {per_round}, mean {sum(mpx) / len(mpx):.2f} MPx) and a "
+          f"random {args.vae_width} VAE {VAE_WIDTHS[args.vae_width]['block_out_channels']} in "
+          f"{time.perf_counter() - t:.1f} s; res {args.res}, batch {args.batch_size}, {os.cpu_count()} cores; loop: "
+          f"torch threads {torch.get_num_threads()}; job: Ray workers at nice {os.environ['RAY_worker_niceness']} "
+          f"(the loop at {os.nice(0)})", flush=True)
     loops, jobs, inits = [], {e: [] for e in args.encoders}, []
     for r in range(args.rounds):  # the loop and the job take turns going first, on the same images per round
         images = tmp / f"images-{r}"
@@ -358,10 +367,9 @@ def throughput(args, tmp: Path) -> None:
     loop_s = sum(x["total_s"] for x in loops)
     loop_rate = n / loop_s
     print(f"\n=== precompute throughput: N = {n} images, res {args.res}, batch {args.batch_size}, "
-          f"{args.vae_width} VAE, "
-          f"{args.cpus} CPUs; Parquet writing INCLUDED in both ===")
+          f"{args.vae_width} VAE, {args.cpus} CPUs; Parquet writing INCLUDED in both ===")
     print("steady state = images / time from 'VAE loaded' to the end of the last Parquet write, summed over rounds. "
-          "Excluded: ray.init; the job's start-up until its first encoder actor has loaded the VAE (from "
+          "Excluded: ray.init; the job's start-up until all its encoder actors have loaded the VAE (from "
           "ray.timeline()); the loop's model load")
     print(f"  plain loop, torch threads {torch.get_num_threads()}  : {loop_rate:6.3f} images/s  ({loop_s:.1f} s)")
     for encoders, runs in jobs.items():
@@ -423,17 +431,19 @@ def memory(args, tmp: Path) -> None:
         finally:
             sampler.stop()
             ray.shutdown()
-        peaks[n] = sampler.peak_rss
+        peaks[n] = sampler.peak_rss, sampler.peak_private
         print(f"  N = {n:5d}: {time.perf_counter() - t:.1f} s, rows {summary.rows}; peak RSS sum "
-              f"{sampler.peak_rss / 2**20:.0f} MiB, peak PSS sum {sampler.peak_pss / 2**20:.0f} MiB "
-              f"({sampler.samples} samples, up to {sampler.max_procs} processes)\n      peak RSS sum by quarter of the "
-              "run: " + " / ".join(f"{p / 2**20:.0f}" for p in sampler.quarter_peaks()) + " MiB; largest processes "
-              "at the RSS peak:", flush=True)
+              f"{sampler.peak_rss / 2**20:.0f} MiB, peak PSS sum {sampler.peak_pss / 2**20:.0f} MiB, peak RSS without "
+              f"shared memory {sampler.peak_private / 2**20:.0f} MiB ({sampler.samples} samples, up to "
+              f"{sampler.max_procs} processes)\n      by quarter of the run, peak RSS sum: {sampler.quarter_peaks(1)}"
+              f" MiB, without shared memory: {sampler.quarter_peaks(2)} MiB; largest processes at the RSS peak:",
+              flush=True)
         for rss, pid, name in sampler.at_peak:
             print(f"      {rss / 2**20:6.0f} MiB  pid {pid}  {name}")
-    (n1, p1), (n2, p2) = list(peaks.items())[:2]
-    print(f"=== peak RSS: N={n1}: {p1 / 2**20:.0f} MiB, N={n2}: {p2 / 2**20:.0f} MiB "
-          f"(x{p2 / p1:.2f} for x{n2 / n1:.1f} the images) ===")
+    (n1, (p1, q1)), (n2, (p2, q2)) = list(peaks.items())[:2]
+    print(f"=== peak RSS sum: N={n1}: {p1 / 2**20:.0f} MiB, N={n2}: {p2 / 2**20:.0f} MiB (x{p2 / p1:.2f} for "
+          f"x{n2 / n1:.1f} the images); without shared memory: {q1 / 2**20:.0f} -> {q2 / 2**20:.0f} MiB "
+          f"(x{q2 / q1:.2f}) ===")
 
 
 def main() -> None:
