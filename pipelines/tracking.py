@@ -13,8 +13,11 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .secrets import redact
 
 STAGE_KEY = "hdm.stage_key"
 PARENT_TAG = "mlflow.parentRunId"
@@ -30,6 +33,13 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:6000]
     return out
+
+
+@dataclass(frozen=True)
+class RunState:
+    status: str  # RUNNING, FINISHED, FAILED, KILLED; NONE without a run
+    tags: dict[str, str]
+    metrics: dict[str, float]
 
 
 class StageRun:
@@ -75,13 +85,33 @@ class StageRun:
 
         return cls(MlflowClient(tracking_uri=tracking_uri), run_id)
 
+    @classmethod
+    def find(cls, *, tracking_uri: str | None, experiment: str, stage_key: str) -> StageRun:
+        """The run tagged `stage_key` in `experiment`, untouched; a disabled handle when there is none."""
+        if not tracking_uri:
+            return cls(None, None)
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        exp = client.get_experiment_by_name(experiment)
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{STAGE_KEY}` = '{stage_key}'",
+                                   max_results=1) if exp is not None else []
+        return cls(client, found[0].info.run_id if found else None)
+
+    def state(self) -> RunState:
+        """Status, tags and latest metrics of the run, read now."""
+        if not self.enabled:
+            return RunState("NONE", {}, {})
+        run = self.client.get_run(self.run_id)
+        return RunState(run.info.status, dict(run.data.tags), dict(run.data.metrics))
+
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params  # a reopened run keeps its params
-        items = [Param(k, v) for k, v in flatten(params).items() if k not in existing]
+        items = [Param(k, v) for k, v in flatten(redact(params)).items() if k not in existing]  # no credentials
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 

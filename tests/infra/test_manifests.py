@@ -1,0 +1,220 @@
+"""The deployment files agree with the code: every manifest parses; every job command in a manifest or in
+the deployment docs is accepted by that job's own parser; GPU requests match the workers that ask for
+them; services stay on loopback or cluster-internal addresses; no credential is written into a file."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.secrets import is_secret_name
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "infra" / "k8s"
+NODE = ROOT / "infra" / "node"
+DOCS = {"node": ROOT / "docs" / "node.md", "kubernetes": ROOT / "docs" / "kubernetes.md"}
+JOB_SCRIPT = re.compile(r"^(?:.*/)?jobs/(\w+)\.py$")
+SHELL_SEPARATORS = {"&&", "||", ";", "|"}
+GPU = "nvidia.com/gpu"
+# The jobs whose flags are checked (the DAG runner, jobs/run_pipeline.py, takes only a TOML path).
+JOBS = ("precompute_latents", "train_vae", "train_stage", "sample", "ingest", "run_pipeline")
+
+
+def yaml_documents(path: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def k8s_objects() -> list[dict]:
+    return [doc for path in sorted(K8S.rglob("*.yaml")) for doc in yaml_documents(path)]
+
+
+def of_kind(kind: str) -> list[dict]:
+    return [doc for doc in k8s_objects() if doc.get("kind") == kind]
+
+
+def job_invocations(command: str) -> list[tuple[str, list[str]]]:
+    """(job name, its arguments) for each `python [DIR/]jobs/NAME.py ARGS` in a shell command line,
+    including after `ray job submit ... --`."""
+    words = shlex.split(command, comments=True)
+    found = []
+    for i, word in enumerate(words[1:], start=1):
+        match = JOB_SCRIPT.match(word)
+        if match and words[i - 1].startswith("python"):
+            args = []
+            for arg in words[i + 1:]:
+                if arg in SHELL_SEPARATORS:
+                    break
+                args.append(arg)
+            found.append((match.group(1), args))
+    return found
+
+
+def parse_job(name: str, args: list[str]):
+    """The job's validated config, from the job's own parser (argparse errors exit: a test failure)."""
+    module = importlib.import_module(f"jobs.{name}")
+    if name == "run_pipeline":  # the DAG: --dry-run validates its config and every stage's job config
+        assert module.main([*args, "--dry-run"]) == 0, f"jobs/run_pipeline.py {shlex.join(args)} --dry-run failed"
+        return None
+    try:
+        return module.parse_args(args)
+    except SystemExit as e:
+        pytest.fail(f"jobs/{name}.py rejects {shlex.join(args)} (exit {e.code})")
+
+
+def doc_commands(path: Path) -> list[str]:
+    """Shell command lines of the fenced code blocks (backslash continuations joined)."""
+    blocks = re.findall(r"^```[a-z]*\n(.*?)^```", path.read_text(), flags=re.S | re.M)
+    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def doc_invocations(path: Path) -> list[tuple[str, list[str]]]:
+    return [inv for line in doc_commands(path) for inv in job_invocations(line) if inv[0] in JOBS]
+
+
+def cluster_gpus(cluster: dict) -> int:
+    """GPUs of a RayCluster's worker groups: per-pod limit x replicas."""
+    total = 0
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        per_pod = sum(int(c.get("resources", {}).get("limits", {}).get(GPU, 0))
+                      for c in group["template"]["spec"]["containers"])
+        total += per_pod * group["replicas"]
+    return total
+
+
+def test_every_manifest_parses_and_names_its_kind():
+    paths = sorted(K8S.rglob("*.yaml")) + sorted(NODE.glob("*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        docs = yaml_documents(path)
+        assert docs, path
+        if path.is_relative_to(K8S):
+            assert all({"apiVersion", "kind"} <= doc.keys() for doc in docs), path
+    assert {"RayCluster", "RayJob", "Deployment", "Service"} <= {doc["kind"] for doc in k8s_objects()}
+
+
+def test_rayjob_entrypoints_are_accepted_by_the_jobs():
+    jobs = of_kind("RayJob")
+    assert {job["metadata"]["name"] for job in jobs} >= {"hdm-precompute", "hdm-train-256", "hdm-train-512",
+                                                          "hdm-train-768", "hdm-train-1024"}
+    for job in jobs:
+        invocations = job_invocations(job["spec"]["entrypoint"])
+        assert len(invocations) == 1, job["metadata"]["name"]
+        parse_job(*invocations[0])
+
+
+def test_each_stage_asks_for_the_gpus_its_cluster_has():
+    clusters = {c["metadata"]["name"]: c for c in of_kind("RayCluster")}
+    for job in of_kind("RayJob"):
+        cluster = clusters[job["spec"]["clusterSelector"]["ray.io/cluster"]]
+        gpus = cluster_gpus(cluster)
+        name, args = job_invocations(job["spec"]["entrypoint"])[0]
+        config = parse_job(name, args)
+        if name == "train_stage":
+            assert config.workers == gpus and config.use_gpu, job["metadata"]["name"]
+        elif name == "precompute_latents":
+            assert config.encoders * config.gpus_per_encoder == gpus, job["metadata"]["name"]
+        else:
+            pytest.fail(f"no GPU check for jobs/{name}.py")
+
+
+def test_gpu_requests_equal_limits_and_the_head_claims_none():
+    for cluster in of_kind("RayCluster"):
+        head = cluster["spec"]["headGroupSpec"]
+        assert head["rayStartParams"].get("num-gpus") == "0"
+        for container in head["template"]["spec"]["containers"]:
+            resources = container.get("resources", {})
+            assert GPU not in resources.get("limits", {}) and GPU not in resources.get("requests", {})
+        for group in cluster["spec"]["workerGroupSpecs"]:
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+            for container in group["template"]["spec"]["containers"]:
+                assert container["resources"]["requests"][GPU] == container["resources"]["limits"][GPU] == "4"
+
+
+def test_k8s_services_stay_inside_the_cluster_and_read_credentials_from_secrets():
+    assert not of_kind("Ingress")
+    for service in of_kind("Service"):
+        assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    for obj in k8s_objects():
+        for env in _container_envs(obj):
+            if is_secret_name(env["name"]) or "STORE_URI" in env["name"]:
+                assert "value" not in env and "secretKeyRef" in env["valueFrom"], env["name"]
+
+
+def _container_envs(obj) -> list[dict]:
+    """Every `env` entry of every container below a manifest object."""
+    if isinstance(obj, dict):
+        found = list(obj["env"]) if isinstance(obj.get("env"), list) else []
+        return found + [e for v in obj.values() for e in _container_envs(v)]
+    if isinstance(obj, list):
+        return [e for v in obj for e in _container_envs(v)]
+    return []
+
+
+def test_node_ray_head_gpus_match_the_documented_stages():
+    compose = yaml_documents(NODE / "compose.yaml")[0]
+    head = compose["services"]["ray-head"]
+    num_gpus = int(next(a for a in head["command"] if a.startswith("--num-gpus=")).split("=")[1])
+    reserved = head["deploy"]["resources"]["reservations"]["devices"][0]["count"]
+    assert num_gpus == reserved == 4
+    trains = [parse_job(name, args) for name, args in doc_invocations(DOCS["node"]) if name == "train_stage"]
+    assert [c.res for c in trains] == [256, 512, 768, 1024]
+    assert all(c.workers == num_gpus and c.use_gpu for c in trains)
+
+
+def test_node_services_bind_loopback_and_hold_no_secret():
+    compose = yaml_documents(NODE / "compose.yaml")[0]
+    text = (NODE / "compose.yaml").read_text()
+    assert "0.0.0.0" not in text
+    for name, service in compose["services"].items():
+        assert service["network_mode"] == "host" and "ports" not in service, name
+        command = " ".join(service.get("command", []))
+        for flag in ("--host", "--node-ip-address", "--dashboard-host", "listen_addresses"):
+            if flag in command:
+                assert re.search(rf"{flag}[= ]127\.0\.0\.1", command), (name, flag)
+        for key, value in service.get("environment", {}).items():
+            if is_secret_name(key) or "STORE_URI" in key:
+                assert "${" in value and not re.search(r"://[^:/]+:[^$@/]+@", value), (name, key)
+
+
+def test_env_template_leaves_every_secret_empty():
+    settings = dict(line.split("=", 1) for line in (NODE / "env.template").read_text().splitlines()
+                    if line.strip() and not line.startswith("#"))
+    secrets = [k for k in settings if is_secret_name(k)]
+    assert {"POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= set(secrets)
+    assert all(settings[k] == "" for k in secrets)
+    assert "/infra/node/.env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("doc", sorted(DOCS))
+def test_doc_job_commands_are_accepted_by_the_jobs(doc):
+    invocations = doc_invocations(DOCS[doc])
+    assert {"precompute_latents", "train_stage"} <= {name for name, _ in invocations}
+    for name, args in invocations:
+        parse_job(name, args)
+
+
+def test_kubernetes_doc_runs_what_the_rayjobs_run():
+    entrypoints = {shlex.join(shlex.split(job["spec"]["entrypoint"])) for job in of_kind("RayJob")}
+    documented = [line for line in doc_commands(DOCS["kubernetes"]) if line.startswith("python /app/jobs/")]
+    assert documented and all(shlex.join(shlex.split(line)) in entrypoints for line in documented)
+
+
+def test_image_pins_match_the_tested_set():
+    def pins(path: Path) -> dict[str, str]:
+        lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+        return {re.sub(r"\[.*\]", "", name): version
+                for name, _, version in (line.partition("==") for line in lines if line)}
+
+    image, tested = pins(ROOT / "infra" / "docker" / "requirements.txt"), pins(ROOT / "requirements-cpu.txt")
+    shared = image.keys() & tested.keys()
+    assert {"torch", "ray", "mlflow", "pyarrow"} <= shared
+    assert {name: image[name] for name in shared} == {name: tested[name] for name in shared}
+    assert "psycopg2-binary" in image  # the MLflow server's PostgreSQL driver
+    dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
+    assert f"pytorch/pytorch:{tested['torch']}-cuda" in dockerfile
+    assert re.search(r"^USER (?!root)\w+", dockerfile, flags=re.M)
