@@ -15,7 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pipelines.cli import job_main  # noqa: E402
 from pipelines.configs import PrecomputeConfig, load_config  # noqa: E402
+from pipelines.latent_store import ManifestMismatch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
@@ -52,25 +54,12 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
+    def run(config: PrecomputeConfig):
+        from pipelines.precompute import run_precompute
 
-    try:
-        config = parse_args(argv)
-    except ValidationError as e:
-        print(f"invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    import ray
+        return run_precompute(config)
 
-    from pipelines.precompute import ManifestMismatch, run_precompute
-
-    ray.init(log_to_driver=True)
-    try:
-        summary = run_precompute(config)
-    except (ManifestMismatch, FileNotFoundError) as e:
-        print(f"precompute refused: {e}", file=sys.stderr)
-        return 3
-    print(summary.format(), flush=True)
-    return 0
+    return job_main("precompute", lambda: parse_args(argv), run, refusals=(ManifestMismatch, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pipelines.cli import job_main  # noqa: E402
 from pipelines.configs import load_config  # noqa: E402
 from pipelines.sampling import SampleConfig  # noqa: E402
 
@@ -75,22 +76,13 @@ def parse_args(argv: list[str] | None = None) -> SampleConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
+    def run(config: SampleConfig):
+        from pipelines.sampling import run_sampling
 
-    try:
-        config = parse_args(argv)
-    except ValidationError as e:
-        print(f"invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    from pipelines.sampling import run_sampling
+        return run_sampling(config)
 
-    try:
-        summary = run_sampling(config)
-    except (FileNotFoundError, LookupError, ValueError) as e:
-        print(f"sample refused: {e}", file=sys.stderr)
-        return 3
-    print(summary.format(), flush=True)
-    return 0
+    return job_main("sample", lambda: parse_args(argv), run, refusals=(FileNotFoundError, LookupError, ValueError),
+                    init_ray=False)
 
 
 if __name__ == "__main__":

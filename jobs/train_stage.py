@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pipelines.cli import job_main  # noqa: E402
 from pipelines.configs import StageConfig, load_config  # noqa: E402
 
 
@@ -63,25 +64,12 @@ def parse_args(argv: list[str] | None = None) -> StageConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
+    def run(config: StageConfig):
+        from pipelines.training import run_stage
 
-    try:
-        config = parse_args(argv)
-    except ValidationError as e:
-        print(f"invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    import ray
+        return run_stage(config)
 
-    from pipelines.training import run_stage
-
-    ray.init()
-    try:
-        summary = run_stage(config)
-    except (LookupError, FileNotFoundError, ValueError) as e:
-        print(f"train_stage refused: {e}", file=sys.stderr)
-        return 3
-    print(summary.format(), flush=True)
-    return 0
+    return job_main("train_stage", lambda: parse_args(argv), run, refusals=(LookupError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

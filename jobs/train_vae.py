@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pipelines.cli import job_main  # noqa: E402
 from pipelines.configs import VAETrainConfig, load_config  # noqa: E402
 
 
@@ -53,20 +54,12 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pydantic import ValidationError
+    def run(config: VAETrainConfig):
+        from pipelines.vae_training import run_vae_training
 
-    try:
-        config = parse_args(argv)
-    except ValidationError as e:
-        print(f"invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    import ray
+        return run_vae_training(config)
 
-    from pipelines.vae_training import run_vae_training
-
-    ray.init()
-    print(run_vae_training(config).format(), flush=True)
-    return 0
+    return job_main("train_vae", lambda: parse_args(argv), run)
 
 
 if __name__ == "__main__":

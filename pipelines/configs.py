@@ -6,6 +6,7 @@ point sees a raw dict.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -90,10 +91,14 @@ class PrecomputeConfig(StrictModel):
 def load_config(model: type[Model], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Model:
     """A validated config from an optional TOML file with `overrides` (None values ignored) on top.
 
-    Override keys may be dotted ("caption.mode") to reach nested sections.
+    `path` may also be the config itself as a JSON object (text starting with "{"): that is how the
+    pipeline DAG hands a stage its wired config on the command line. Override keys may be dotted
+    ("caption.mode") to reach nested sections.
     """
     data: dict[str, Any] = {}
-    if path is not None:
+    if isinstance(path, str) and path.lstrip().startswith("{"):
+        data = json.loads(path)
+    elif path is not None:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     for key, value in (overrides or {}).items():
