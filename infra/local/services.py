@@ -2,10 +2,12 @@
 MLflow server. Each runs in its own process session, bound to 127.0.0.1, and is stopped by its PID
 (never `ray stop`: other people's Ray processes share the machine).
 
-    python infra/local/services.py up --state STATE.json [--ray] [--s3] [--mlflow]
+    python infra/local/services.py up --state STATE.json [--ray] [--s3] [--mlflow [--mlflow-root DIR]]
     python infra/local/services.py down --state STATE.json
 
-`up` writes addresses and PIDs to STATE.json and prints `export NAME=VALUE` lines for a shell.
+`up` writes addresses and PIDs to STATE.json and prints `export NAME=VALUE` lines for a shell; run again,
+it keeps the services that still run and starts the missing ones. `down` stops exactly what STATE.json
+lists. With --mlflow-root the MLflow store outlives `down` (the demo's runs, so a rerun skips stages).
 """
 
 from __future__ import annotations
@@ -113,8 +115,15 @@ def start_moto(log: Path | None = None) -> Service:
                                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
 
 
-def start_mlflow(log: Path | None = None) -> Service:
-    root = tempfile.mkdtemp(prefix="hdm-mlflow-")
+def start_mlflow(log: Path | None = None, root: Path | None = None) -> Service:
+    """An MLflow server in light mode (no job execution), sqlite + local artifacts under `root`, kept
+    after stop when `root` is given (the demo's runs survive `make down`), else a temporary folder."""
+    keep = root is not None
+    if keep:
+        root.mkdir(parents=True, exist_ok=True)
+        root = root.resolve()
+    else:
+        root = Path(tempfile.mkdtemp(prefix="hdm-mlflow-"))
     port = free_port()
     env = dict(_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     out = open(log or os.devnull, "ab")
@@ -123,7 +132,7 @@ def start_mlflow(log: Path | None = None) -> Service:
                              "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     _wait_http(f"{uri}/health", 90, proc)
-    return Service("mlflow", proc.pid, {"MLFLOW_TRACKING_URI": uri}, [root])
+    return Service("mlflow", proc.pid, {"MLFLOW_TRACKING_URI": uri}, [] if keep else [str(root)])
 
 
 def _stop_pid(pid: int, name: str, timeout: float = 60) -> None:
@@ -156,6 +165,14 @@ def stop(service: Service) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):  # gone, or the PID now belongs to someone else
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("action", choices=["up", "down"])
@@ -164,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s3", action="store_true")
     ap.add_argument("--mlflow", action="store_true")
     ap.add_argument("--logs", type=Path, help="folder for the services' logs")
+    ap.add_argument("--mlflow-root", type=Path,
+                    help="keep MLflow's sqlite store and artifacts here (default: a temporary folder, removed on down)")
     args = ap.parse_args(argv)
     if args.action == "down":
         if args.state.exists():
@@ -171,20 +190,27 @@ def main(argv: list[str] | None = None) -> int:
                 stop(Service(**data))
             args.state.unlink()
         return 0
-    starters = [(args.ray, start_ray_head), (args.s3, start_moto), (args.mlflow, start_mlflow)]
-    started: list[Service] = []
+    running: list[Service] = []
+    if args.state.exists():  # `up` again: keep what still runs, clear what died, start what is missing
+        for service in (Service(**data) for data in json.loads(args.state.read_text())):
+            if alive(service.pid):
+                running.append(service)
+            else:
+                stop(service)  # its process group's leftovers and temporary folders
+    starters = {"ray": (args.ray, start_ray_head), "s3": (args.s3, start_moto),
+                "mlflow": (args.mlflow, lambda log: start_mlflow(log, args.mlflow_root))}
+    started = list(running)
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
     try:
-        for wanted, start in starters:
-            if wanted:
-                log = args.logs / f"{start.__name__[6:]}.log" if args.logs else None
-                started.append(start(log=log))
+        for name, (wanted, start) in starters.items():
+            if wanted and name not in {s.name for s in started}:
+                started.append(start(log=args.logs / f"{name}.log" if args.logs else None))
                 args.state.write_text(json.dumps([asdict(s) for s in started]))
     except Exception as e:
-        for service in started:
+        for service in started[len(running):]:
             stop(service)
-        args.state.unlink(missing_ok=True)
+        args.state.write_text(json.dumps([asdict(s) for s in running]))
         print(f"could not start services: {e}", file=sys.stderr)
         return 1
     for service in started:
