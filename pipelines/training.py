@@ -2,8 +2,8 @@
 
 Driver: resolve the latents, the starting weights (`init_from`), the MLflow stage run; launch a
 `TorchTrainer` whose workers read LATENTS/res=R through Ray Data (equal shards, drop_last).
-Worker: per micro-batch, a fresh shifted square crop of each stored latent in latent space (posterior
-resampled when its std is stored), captions encoded online by the frozen text encoder (some replaced by
+Worker: per micro-batch, prepared ahead by a background thread, a fresh shifted square crop of each stored
+latent in latent space (posterior resampled when its std is stored); captions encoded online by the frozen text encoder (some replaced by
 the null prompt), the flow-matching loss with TREAD; muP AdamW, warm-up + cosine, accumulation, clipping,
 optional EMA; checkpoints every K steps through `ray.train.report`, resumed on relaunch or worker failure.
 """
@@ -14,11 +14,14 @@ import hashlib
 import json
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -28,6 +31,7 @@ import torch
 from .cluster import scaling
 from .configs import S3Options, StageConfig
 from .latent_store import read_manifest, res_dir
+from .secrets import redact
 from .storage import resolve
 from .tracking import StageRun
 
@@ -65,17 +69,102 @@ class LatentBatcher:
         return torch.stack(latents), torch.stack(positions), aspect, captions
 
 
+END_OF_EPOCH = object()
+
+
+class BatchPrefetcher:
+    """The worker's shard as ready model inputs, prepared `depth` batches ahead by a background thread.
+
+    The thread iterates epoch after epoch (skipping the first `skip` batches, to resume within an epoch),
+    runs `batcher` on each batch (fp16 decode, posterior draw, crops) and queues the result, then
+    END_OF_EPOCH. So the step does not wait when Ray Data starts an epoch (~0.1 s on CPU, much more on a
+    busy node: a small set has an epoch every few steps) and the per-sample work overlaps the step.
+    `next()` returns the next item and raises whatever the thread raised.
+    """
+
+    def __init__(self, shard, batcher: Callable[[dict[str, np.ndarray]], Any], *, batch_size: int, skip: int = 0,
+                 depth: int = 4):
+        self.shard, self.batcher, self.batch_size, self.skip = shard, batcher, batch_size, skip
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
+        self.thread.start()
+
+    def next(self) -> Any:
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the thread at its next batch (it is a daemon: one blocked in Ray Data dies with the worker)."""
+        self.stopped.set()
+
+    def _fill(self) -> None:
+        try:
+            skip = self.skip
+            while not self.stopped.is_set():
+                seen = 0
+                for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
+                                                     drop_last=True, prefetch_batches=2):
+                    seen += 1
+                    if skip:
+                        skip -= 1
+                    elif not self._put(self.batcher(batch)):
+                        return
+                if not seen:
+                    raise RuntimeError(f"no batch of {self.batch_size} latents in this worker's shard "
+                                       "(fewer rows than workers x batch size)")
+                if not self._put(END_OF_EPOCH):
+                    return
+        except BaseException as error:  # handed to the training loop, which raises it
+            self._put(error)
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+
 class EMA:
-    """Exponential moving average of the weights, kept in float32 beside the model."""
+    """Exponential moving average of the weights, kept in float32 beside the model:
+    after each optimizer step, shadow <- decay * shadow + (1 - decay) * weights."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
+        self.reset(model)
+
+    def reset(self, model: torch.nn.Module) -> None:
+        """Start the average at the model's current weights."""
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         for k, v in model.state_dict().items():
             self.shadow[k].lerp_(v.float(), 1 - self.decay)
+
+    def load(self, path: Path) -> None:
+        """EMA weights saved by `save_checkpoint`, onto the device the shadow lives on."""
+        from safetensors.torch import load_file
+
+        state = load_file(path, device=str(next(iter(self.shadow.values())).device))
+        if state.keys() != self.shadow.keys():
+            raise KeyError(f"EMA weights in {path} do not fit this model")
+        self.shadow = state
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The model with the EMA weights loaded, its own weights put back on exit (sample grids)."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.shadow)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -84,7 +173,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def _checkpoint_meta(cfg: StageConfig, model_config, vae: str) -> dict[str, Any]:
     return {"model": model_config.to_dict(), "text_encoder": {"id": cfg.text_encoder, "max_length": cfg.ctx_length},
-            "vae": vae, "stage": cfg.model_dump(mode="json")}
+            "vae": vae, "stage": redact(cfg.model_dump(mode="json"))}  # checkpoints are shared: no credentials
 
 
 def save_checkpoint(directory: Path, *, model, cfg: StageConfig, vae: str, optimizer, scheduler, ema: EMA | None,
@@ -166,8 +255,7 @@ def train_loop(loop_config: dict) -> None:
     elif init:
         run.set_tags({"hdm.init_weights_sha256": weights_digest(net)})
     batcher = LatentBatcher(caption_dropout=cfg.caption_dropout, seed=cfg.seed + 7919 * rank + progress["step"])
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _nullcontext()
-    shard = ray.train.get_dataset_shard("train")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     meter = _Meter()
     micro = 0
     loss_sum = 0.0
@@ -215,23 +303,24 @@ def train_loop(loop_config: dict) -> None:
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    skip = progress["batch_in_epoch"]  # resume the data position within the interrupted epoch
-    while progress["step"] < cfg.steps:
-        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-                                     prefetch_batches=2)
-        meter.wait_start()
-        for batch in batches:
-            if skip:
-                skip -= 1
-                meter.wait_start()
-                continue
+    # Resumes the data position within the interrupted epoch. Data wait: the loop blocked on the next batch.
+    data = BatchPrefetcher(ray.train.get_dataset_shard("train"), batcher, batch_size=cfg.batch_size,
+                           skip=progress["batch_in_epoch"])
+    try:
+        while progress["step"] < cfg.steps:
+            meter.wait_start()
+            item = data.next()
             meter.wait_end()
-            z0, pos, aspect, captions = batcher(batch)
+            if item is END_OF_EPOCH:
+                progress["epoch"] += 1
+                progress["batch_in_epoch"] = 0
+                continue
+            z0, pos, aspect, captions = item
             ctx_states = text_encoder(captions, padding="max_length").float()
             z0, pos, aspect, ctx_states = (t.to(device) for t in (z0, pos, aspect, ctx_states))
             micro += 1
             sync = micro % cfg.grad_accum == 0
-            with (_nullcontext() if sync or world == 1 else model.no_sync()), autocast:
+            with (nullcontext() if sync or world == 1 else model.no_sync()), autocast:
                 loss = flow_matching_loss(model, z0, ctx_states, pos_map=pos, aspect=aspect)
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.item()
@@ -242,22 +331,8 @@ def train_loop(loop_config: dict) -> None:
                     log()
                 maybe_sample()
                 maybe_checkpoint()
-                if progress["step"] >= cfg.steps:
-                    break
-            meter.wait_start()
-        else:
-            progress["epoch"] += 1
-            progress["batch_in_epoch"] = 0
-            if micro == 0:
-                raise RuntimeError(f"no batch of {cfg.batch_size} latents per worker in {cfg.latents}/res={cfg.res}")
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    finally:
+        data.close()
 
 
 class _Meter:
@@ -312,14 +387,16 @@ def _restore(directory: Path, net, optimizer, scheduler, ema: EMA | None) -> dic
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None and (directory / EMA_NAME).exists():
-        ema.shadow = load_file(directory / EMA_NAME)
+        ema.load(directory / EMA_NAME)
+    elif ema is not None:  # EMA turned on at this relaunch: it starts from the restored weights
+        ema.reset(net)
     torch.set_rng_state(state["rng"]["torch"])
     return {k: int(state[k]) for k in ("step", "epoch", "batch_in_epoch")}
 
 
 def _log_samples(run: StageRun, net, ema: EMA | None, text_encoder, vae_id: str, cfg: StageConfig, device,
                  step: int) -> None:
-    """A grid of the fixed prompts x seeds (rows x columns) as an MLflow artifact."""
+    """A grid of the fixed prompts x seeds (rows x columns) as an MLflow artifact; EMA weights when kept."""
     if not run.enabled:
         return
     from hdm_model import LatentVAE
@@ -327,9 +404,10 @@ def _log_samples(run: StageRun, net, ema: EMA | None, text_encoder, vae_id: str,
 
     vae = LatentVAE.from_pretrained(vae_id, device=device)
     was_training = net.training
-    pipe = HDMPipeline(net, text_encoder, vae)
-    images = pipe(cfg.sample.prompts, negative_prompt=cfg.sample.negative_prompt, width=cfg.res, height=cfg.res,
-                  steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, seeds=cfg.sample.seeds)
+    with ema.applied(net) if ema is not None else nullcontext(net) as weights:
+        pipe = HDMPipeline(weights, text_encoder, vae)
+        images = pipe(cfg.sample.prompts, negative_prompt=cfg.sample.negative_prompt, width=cfg.res,
+                      height=cfg.res, steps=cfg.sample.steps, cfg_scale=cfg.sample.cfg_scale, seeds=cfg.sample.seeds)
     net.train(was_training)
     run.log_image(make_grid(images, cols=len(cfg.sample.seeds)), f"samples/step-{step:07d}.png")
 

@@ -1,0 +1,123 @@
+"""Parts of the training worker on their own: EMA maths and its checkpoint round trip, the batch prefetcher."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hdm_model import build_denoiser, build_optimizer, warmup_cosine_schedule
+from pipelines.configs import StageConfig
+from pipelines.training import EMA, EMA_NAME, END_OF_EPOCH, BatchPrefetcher, _restore, save_checkpoint
+
+
+def _set_weights(model: torch.nn.Module, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        model.weight.copy_(value)
+        model.bias.fill_(float(value.mean()))
+
+
+def test_ema_after_k_updates_is_the_closed_form():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    decay, k = 0.9, 5
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    ema = EMA(model, decay)
+    seen = [torch.randn(2, 3) for _ in range(k)]
+    for w in seen:
+        _set_weights(model, w)
+        ema.update(model)
+    # shadow_k = d^k w_0 + sum_i (1 - d) d^(k - i) w_i
+    expected_w = decay**k * w0 + sum((1 - decay) * decay ** (k - i) * w for i, w in enumerate(seen, 1))
+    expected_b = decay**k * b0 + sum((1 - decay) * decay ** (k - i) * w.mean() for i, w in enumerate(seen, 1))
+    torch.testing.assert_close(ema.shadow["weight"], expected_w)
+    torch.testing.assert_close(ema.shadow["bias"], expected_b)
+    assert not torch.allclose(ema.shadow["weight"], model.weight)  # an average, not a copy
+
+
+def test_ema_applied_swaps_weights_in_and_back():
+    model = torch.nn.Linear(3, 2)
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = EMA(model, 0.5)
+    _set_weights(model, torch.ones(2, 3))
+    ema.update(model)
+    with ema.applied(model) as weights:
+        assert weights is model
+        torch.testing.assert_close(model.weight, 0.5 * own["weight"] + 0.5)
+    torch.testing.assert_close(model.weight, torch.ones(2, 3))
+
+
+def _stage(tmp_path, **overrides) -> StageConfig:
+    return StageConfig(res=32, latents=str(tmp_path / "latents"), storage=str(tmp_path / "runs"), model="tiny",
+                       steps=10, warmup_steps=2, **overrides)
+
+
+def _trained(cfg: StageConfig, steps: int):
+    torch.manual_seed(0)
+    net = build_denoiser(cfg.model, ctx_dim=32)
+    optimizer = build_optimizer(net, base_lr=cfg.base_lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+    scheduler = warmup_cosine_schedule(optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup_steps)
+    ema = EMA(net, cfg.ema_decay) if cfg.ema_decay else None
+    for _ in range(steps):
+        net(torch.randn(2, 4, 4, 4), torch.rand(2), torch.randn(2, 3, 32)).square().mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        if ema is not None:
+            ema.update(net)
+    return net, optimizer, scheduler, ema
+
+
+def test_checkpoint_saves_and_restores_ema_weights(tmp_path):
+    cfg = _stage(tmp_path, ema_decay=0.8)
+    net, optimizer, scheduler, ema = _trained(cfg, steps=3)
+    save_checkpoint(tmp_path, model=net, cfg=cfg, vae="v", optimizer=optimizer, scheduler=scheduler, ema=ema,
+                    progress={"step": 3, "epoch": 1, "batch_in_epoch": 2}, rng={"torch": torch.get_rng_state()})
+    saved = load_file(tmp_path / EMA_NAME)
+    assert saved.keys() == dict(net.state_dict()).keys()
+    assert not torch.equal(saved["unpatch.weight"], net.state_dict()["unpatch.weight"])  # EMA, not the weights
+
+    fresh, fresh_opt, fresh_sched, fresh_ema = _trained(cfg, steps=0)
+    progress = _restore(tmp_path, fresh, fresh_opt, fresh_sched, fresh_ema)
+    assert progress == {"step": 3, "epoch": 1, "batch_in_epoch": 2}
+    for name, value in ema.shadow.items():
+        torch.testing.assert_close(fresh_ema.shadow[name], value, rtol=0, atol=0)
+        torch.testing.assert_close(fresh.state_dict()[name], net.state_dict()[name], rtol=0, atol=0)
+
+
+def test_ema_turned_on_at_resume_starts_from_the_restored_weights(tmp_path):
+    net, optimizer, scheduler, _ = _trained(_stage(tmp_path), steps=2)
+    cfg = _stage(tmp_path, ema_decay=0.9)
+    save_checkpoint(tmp_path, model=net, cfg=cfg, vae="v", optimizer=optimizer, scheduler=scheduler, ema=None,
+                    progress={"step": 2, "epoch": 0, "batch_in_epoch": 2}, rng={"torch": torch.get_rng_state()})
+    assert not (tmp_path / EMA_NAME).exists()
+    fresh, fresh_opt, fresh_sched, fresh_ema = _trained(cfg, steps=0)
+    _restore(tmp_path, fresh, fresh_opt, fresh_sched, fresh_ema)
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(fresh_ema.shadow[name], value, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.integration
+def test_prefetcher_crosses_epochs_skips_on_resume_and_raises_errors(ray_local):
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # batches in row order
+    shard = ray.data.from_items([{"id": i} for i in range(10)]).streaming_split(1, equal=True)[0]
+    data = BatchPrefetcher(shard, lambda batch: batch["id"].tolist(), batch_size=3, skip=2)
+    items = [data.next() for _ in range(6)]
+    data.close()
+    # 3 full batches per epoch (drop_last); resuming after the 2nd batch of an epoch yields its 3rd first.
+    assert items == [[6, 7, 8], END_OF_EPOCH, [0, 1, 2], [3, 4, 5], [6, 7, 8], END_OF_EPOCH]
+
+    small = ray.data.from_items([{"id": i} for i in range(2)]).streaming_split(1, equal=True)[0]
+    with pytest.raises(RuntimeError, match="no batch of 3 latents"):
+        BatchPrefetcher(small, lambda batch: batch, batch_size=3).next()
