@@ -42,6 +42,7 @@ from .vae import LatentVAE
 if TYPE_CHECKING:
     from PIL import Image
 
+EMA_WEIGHTS_NAME = "ema.safetensors"  # a checkpoint's EMA of its weights (pipelines/training.py writes it)
 PARAMETERS_KEY = "parameters"  # PNG text chunk (and PIL `info` key) holding the generation parameters
 
 # KBlueLeaf/EQ-SDXL-VAE (hdm_spec 7): the SDXL VAE architecture with per-channel latent statistics. The
@@ -85,9 +86,10 @@ class HDMPipeline:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu",
                         dtype: torch.dtype | None = None, text_encoder: TextEncoder | str | None = None,
-                        vae: LatentVAE | str | None = None) -> HDMPipeline:
+                        vae: LatentVAE | str | None = None, ema: bool = True) -> HDMPipeline:
         """A training stage's checkpoint directory: `model.safetensors` (our key names) and `config.json` =
-        {"model": XUTConfig, "text_encoder": {"id", "max_length"}, "vae": id, "stage": ...}.
+        {"model": XUTConfig, "text_encoder": {"id", "max_length"}, "vae": id, "stage": ...}, and
+        `ema.safetensors` when the stage kept an EMA of its weights (used unless `ema=False`).
 
         `text_encoder` / `vae` (a loaded module, or a hub id or local path) replace the checkpoint's.
         dtype None: float16 on GPU, float32 elsewhere.
@@ -101,7 +103,7 @@ class HDMPipeline:
             raise ValueError(f"{directory / CONFIG_NAME} names no VAE (\"vae\"): pass vae= (a hub id or a path "
                              "of a diffusers AutoencoderKL)")
         dtype = dtype or default_dtype(device)
-        denoiser = load_checkpoint_denoiser(directory, device=device, dtype=dtype)
+        denoiser = load_checkpoint_denoiser(directory, device=device, dtype=dtype, ema=ema)
         if not isinstance(text_encoder, TextEncoder):
             text_encoder = TextEncoder.from_pretrained(os.fspath(text_encoder or te_meta["id"]), device=device,
                                                        dtype=dtype, max_length=te_meta.get("max_length", 256))
@@ -210,9 +212,10 @@ def _read_checkpoint_config(directory: Path) -> dict[str, Any]:
 
 
 def load_checkpoint_denoiser(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
-                             dtype: torch.dtype | None = None) -> XUTDenoiser:
+                             dtype: torch.dtype | None = None, ema: bool = False) -> XUTDenoiser:
     """The denoiser of a checkpoint directory, after checking its tensors against its config: a file of
-    another architecture is refused with the missing, unexpected and wrongly shaped keys named."""
+    another architecture is refused with the missing, unexpected and wrongly shaped keys named. With `ema`,
+    the EMA weights (`ema.safetensors`) replace the trained ones where the checkpoint has them."""
     from safetensors import safe_open
 
     directory = Path(directory)
@@ -227,6 +230,10 @@ def load_checkpoint_denoiser(directory: str | os.PathLike, *, device: torch.devi
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     check_state_keys(found, expected, what=f"{directory / WEIGHTS_NAME} (against the \"model\" of its {CONFIG_NAME})")
     model = XUTDenoiser.from_pretrained(directory, device=device)
+    if ema and (directory / EMA_WEIGHTS_NAME).exists():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(directory / EMA_WEIGHTS_NAME, device=str(device)))
     return model.to(dtype=dtype) if dtype is not None else model
 
 

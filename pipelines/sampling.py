@@ -19,12 +19,14 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from hdm_model import Camera, HDMPipeline, make_grid, save_png
+from hdm_model.pipeline import EMA_WEIGHTS_NAME
 from hdm_model.text_encoder import DEFAULT_TEXT_ENCODER
 
 from .configs import S3Options, StrictModel, TrackingOptions
 from .storage import exists, join, resolve
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")  # what sampling needs of a checkpoint (not the optimizer)
+OPTIONAL_FILES = (EMA_WEIGHTS_NAME,)  # copied too where the checkpoint has them
 
 
 class SampleConfig(StrictModel):
@@ -114,7 +116,7 @@ def load_pipeline(config: SampleConfig, scratch: Path) -> HDMPipeline:
         pipe.source = config.official
         return pipe
     uri = config.checkpoint or checkpoint_of_run(config)
-    directory = Path(local_copy(uri, scratch, config.s3, files=CHECKPOINT_FILES))
+    directory = Path(local_copy(uri, scratch, config.s3, files=CHECKPOINT_FILES, optional=OPTIONAL_FILES))
     meta = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
     te_id, vae_id = (meta.get("text_encoder") or {}).get("id"), meta.get("vae")
     pipe = HDMPipeline.from_checkpoint(
@@ -134,9 +136,11 @@ def checkpoint_of_run(config: SampleConfig) -> str:
     return checkpoint_uri_of_run(tracking_uri, config.run_id)
 
 
-def local_copy(uri: str, scratch: Path, s3: S3Options, *, files: tuple[str, ...] | None = None) -> str:
+def local_copy(uri: str, scratch: Path, s3: S3Options, *, files: tuple[str, ...] | None = None,
+               optional: tuple[str, ...] = ()) -> str:
     """`uri` itself when it is not s3:// (a local path, file:// stripped, or a hub id); else a copy under
-    `scratch` of the object, of the whole prefix, or of just `files` under the prefix."""
+    `scratch` of the object, of the whole prefix, or of just `files` (and those of `optional` that exist)
+    under the prefix."""
     if uri.startswith("file://"):
         return uri[len("file://"):]
     if not uri.startswith("s3://"):
@@ -153,5 +157,6 @@ def local_copy(uri: str, scratch: Path, s3: S3Options, *, files: tuple[str, ...]
     for name in files:
         if not exists(fs, join(path, name)):
             raise FileNotFoundError(f"{uri} is not a checkpoint: no {name}")
+    for name in (*files, *(n for n in optional if exists(fs, join(path, n)))):
         pafs.copy_files(join(path, name), str(dest / name), source_filesystem=fs, destination_filesystem=local)
     return str(dest)

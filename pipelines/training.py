@@ -28,6 +28,8 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
+from hdm_model.pipeline import EMA_WEIGHTS_NAME
+
 from .cluster import scaling
 from .configs import S3Options, StageConfig
 from .latent_store import read_manifest, res_dir
@@ -36,7 +38,7 @@ from .storage import resolve
 from .tracking import StageRun
 
 STATE_NAME = "training_state.pt"
-EMA_NAME = "ema.safetensors"
+EMA_NAME = EMA_WEIGHTS_NAME  # what sampling loads instead of model.safetensors when present
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -121,3 +121,18 @@ def test_prefetcher_crosses_epochs_skips_on_resume_and_raises_errors(ray_local):
     small = ray.data.from_items([{"id": i} for i in range(2)]).streaming_split(1, equal=True)[0]
     with pytest.raises(RuntimeError, match="no batch of 3 latents"):
         BatchPrefetcher(small, lambda batch: batch, batch_size=3).next()
+
+
+def test_sampling_a_checkpoint_uses_its_ema_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from hdm_model.pipeline import EMA_WEIGHTS_NAME, load_checkpoint_denoiser
+
+    model = build_denoiser("tiny")
+    model.save_pretrained(tmp_path)
+    shadow = {k: torch.full_like(v, 0.25) for k, v in model.state_dict().items()}
+    save_file(shadow, tmp_path / EMA_WEIGHTS_NAME)
+    with_ema = load_checkpoint_denoiser(tmp_path, ema=True).state_dict()
+    trained = load_checkpoint_denoiser(tmp_path, ema=False).state_dict()
+    assert all(torch.equal(with_ema[k], shadow[k]) for k in shadow)
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
