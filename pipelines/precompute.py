@@ -275,20 +275,24 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
                                                                      use_gpu=cap_gpu),
                             compute=ray.data.ActorPoolStrategy(size=cap.actors), batch_size=cap.batch_size,
                             batch_format="pyarrow", num_gpus=cap.gpus_per_actor or None, num_cpus=0.5)
+    resources = ray.cluster_resources()
     gpus = config.gpus_per_encoder
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    # one encoder per GPU; on CPU one per core, each with one torch thread: small convolutions scale poorly over
+    # threads, so two single-thread encoders beat one two-thread encoder (benchmarks/bench_precompute.py)
+    actors = config.encoders or max(1, int(resources.get("GPU", 0) // gpus if gpus else resources.get("CPU", 1)))
     cpus = 1.0  # unlike the tasks' 0.5: no fusion
     if not gpus:  # CPU encoders use their share of the cores (torch threads) whatever they ask for: ask for less
         # than a CPU each where needed, so that one encoder per core still leaves a read/decode/write task room to run
-        spare = ray.cluster_resources().get("CPU", 1.0) - 0.5 - (0.5 * config.caption.actors if captioning else 0)
-        cpus = min(1.0, max(spare, 0.1) / config.encoders)
+        spare = resources.get("CPU", 1.0) - 0.5 - (0.5 * config.caption.actors if captioning else 0)
+        cpus = min(1.0, max(spare, 0.1) / actors)
     return ds.map_batches(EncodeStage, fn_constructor_kwargs=dict(vae=config.vae, use_gpu=gpus > 0,
                                                                  threads=config.threads_per_encoder,
-                                                                 actors=config.encoders,
+                                                                 actors=actors,
                                                                  batch_size=config.batch_size,
                                                                  store_std=config.store_std),
-                          compute=ray.data.ActorPoolStrategy(size=config.encoders), batch_size=config.batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.batch_size,
                           batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus)
 
 
