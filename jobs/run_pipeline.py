@@ -23,7 +23,7 @@ from pipelines.cli import EXIT_INVALID  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="pipeline TOML (pipelines/configs/*.toml)")
+    ap.add_argument("config", help="pipeline TOML (pipelines/configs/*.toml), or the config as a JSON object")
     ap.add_argument("--dry-run", action="store_true", help="validate every stage and print the plan; run nothing")
     ap.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and every stage after it")
     ap.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)")

@@ -10,7 +10,8 @@
     params = { res = 64, steps = 300 }   # fields of the job's own config model (StageConfig here)
     plan = { throughput = 20.0 }  # samples/s per worker, for --dry-run's time estimate
 
-A stage's outputs are inputs of its dependents (the wiring in KINDS); no path is written twice. A stage's
+A stage's outputs are inputs of its dependents (the wiring in KINDS); no path is written twice. `${NAME}` in
+a string is the environment variable NAME. A stage's
 digest hashes its kind, its params and the digests of the stages it reads from, so a changed stage
 reruns with everything downstream of it, and an unchanged one is skipped when its MLflow run finished.
 This module plans; `pipelines/dag_runner.py` submits the jobs.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
@@ -63,7 +66,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {
     "demo_data": Kind("jobs/make_demo_data.py", "demo_data:DemoDataConfig", "out",
-                      {"urls": "urls.parquet", "prompts": "held_out_prompts.txt"}),
+                      {"urls": "urls.parquet", "prompts": "heldout.txt"}),
     "ingest": Kind("jobs/ingest.py", "ingest:IngestConfig", "output", {"dataset": ""},
                    (Input("url_list", "demo_data", "urls", required=False),)),
     "vae": Kind("jobs/train_vae.py", "configs:VAETrainConfig", "output", {"vae": ""},
@@ -73,9 +76,9 @@ KINDS: dict[str, Kind] = {
     "train": Kind("jobs/train_stage.py", "configs:StageConfig", "storage", {"checkpoint": ""},
                   (Input("latents", "precompute", "latents", required=False),
                    Input("init_from", "train", "checkpoint", required=False)), tracked=True),
-    "evaluate": Kind("jobs/evaluate.py", "adherence:EvalConfig", "out", {"report": ""},
+    "evaluate": Kind("jobs/evaluate.py", "adherence:EvaluateConfig", "out", {"report": ""},
                      (Input("checkpoint", "train", "checkpoint"),
-                      Input("prompts_file", "demo_data", "prompts", required=False)), tracked=True),
+                      Input("prompt_file", "demo_data", "prompts", required=False)), tracked=True),
     "sample": Kind("jobs/sample.py", "sampling:SampleConfig", "out", {"images": ""},
                    (Input("checkpoint", "train", "checkpoint"),)),
 }
@@ -114,9 +117,33 @@ class PipelineOptions(StrictModel):
         return PrecomputeConfig._uri(value)
 
 
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: Any) -> Any:
+    """`${NAME}` in every string of a nested config replaced by the environment variable NAME (a path that
+    differs per machine, a bucket); an unset variable is an error that names it."""
+    if isinstance(value, str):
+        def sub(match: re.Match) -> str:
+            if match.group(1) not in os.environ:
+                raise ValueError(f"${{{match.group(1)}}} in {value!r}: environment variable {match.group(1)} is not set")
+            return os.environ[match.group(1)]
+        return ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
 class PipelineConfig(StrictModel):
     pipeline: PipelineOptions
     stages: dict[str, StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _env(cls, data: Any) -> Any:
+        return expand_env(data)
 
     @field_validator("stages")
     @classmethod

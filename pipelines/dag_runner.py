@@ -26,6 +26,7 @@ from .tracking import StageRun
 
 ROOT = Path(__file__).resolve().parents[1]  # the working directory every job runs in (uploaded by Ray)
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.safetensors", "__pycache__", ".pytest_cache"]
+DAG_TAG = "hdm.dag."  # + stage, kind, digest: set by the runner (the jobs set their own hdm.* tags)
 DONE_TAG = "hdm.dag.done"  # the digest of the config the stage finished with
 OUTPUT_TAG = "hdm.output."  # + output name: a URI a dependent reads
 
@@ -76,7 +77,7 @@ class PipelineRunner:
         stages = plan(self.config)
         parent = StageRun.open(tracking_uri=self.tracking_uri, experiment=self.experiment,
                                stage_key=f"pipeline:{self.config.pipeline.name}", run_name=self.config.pipeline.name,
-                               tags={"hdm.kind": "pipeline"})
+                               tags={DAG_TAG + "kind": "pipeline"})
         parent.log_params(self.config.model_dump(mode="json"))
         self.say(f"pipeline {self.config.pipeline.name}: {len(stages)} stages; MLflow {self.tracking_uri} "
                  f"experiment {self.experiment!r} run {parent.run_id}; logs in {self.log_dir}")
@@ -109,7 +110,8 @@ class PipelineRunner:
             fs.delete_dir(path)
         run = StageRun.open(tracking_uri=self.tracking_uri, experiment=self.experiment, stage_key=stage.stage_key,
                             run_name=stage.name, parent_run_id=parent_id,
-                            tags={"hdm.kind": stage.kind, "hdm.stage": stage.name, "hdm.digest": stage.digest})
+                            tags={DAG_TAG + "stage": stage.name, DAG_TAG + "kind": stage.kind,
+                                  DAG_TAG + "digest": stage.digest})
         data = job_config(self.config, stage, {n: r.outputs for n, r in results.items()},
                           tracking_uri=self.tracking_uri, parent_run_id=parent_id)
         if not KINDS[stage.kind].tracked:

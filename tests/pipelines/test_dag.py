@@ -109,3 +109,12 @@ def test_storage_override_and_relative_storage(tmp_path):
     assert stage.folder.startswith(f"{tmp_path}/runs/p/i/")
     moved = load_config(PipelineConfig, str(path), {"pipeline.storage": "s3://bucket/p"})
     assert plan(moved)[0].folder.startswith("s3://bucket/p/i/")
+
+
+def test_environment_references_are_expanded_or_refused(monkeypatch):
+    monkeypatch.setenv("HDM_TEST_BUCKET", "s3://my-bucket")
+    config = _config(CHAIN, storage="${HDM_TEST_BUCKET}/hdm")
+    assert plan(config)[0].folder.startswith("s3://my-bucket/hdm/ingest/")
+    monkeypatch.delenv("HDM_TEST_BUCKET")
+    with pytest.raises(ValidationError, match="environment variable HDM_TEST_BUCKET is not set"):
+        _config(CHAIN, storage="${HDM_TEST_BUCKET}/hdm")
