@@ -18,8 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.adherence import EvaluateConfig  # noqa: E402
-from pipelines.cli import job_main  # noqa: E402
-from pipelines.configs import load_config  # noqa: E402
+from pipelines.cli import config_from_flags, job_main, seeds_from_flags  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
@@ -36,6 +35,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     ap.add_argument("--height", type=int, help="px, a multiple of 16 (default 64)")
     ap.add_argument("--steps", type=int, help="Euler steps (default 16)")
     ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 3.0)")
+    ap.add_argument("--batch-size", type=int, help="seeds of one prompt per denoiser batch (default 8)")
     ap.add_argument("--device", help="e.g. cuda, cpu (default: cuda when available)")
     ap.add_argument("--out", help="output directory (default ./evaluation)")
     ap.add_argument("--mlflow-uri", help="default $MLFLOW_TRACKING_URI, else sqlite under ~/.hdm")
@@ -44,16 +44,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     ap.add_argument("--s3-endpoint")
     ap.add_argument("--s3-profile")
     args = vars(ap.parse_args(argv))
-    count = args.pop("count")
-    if count is not None:
-        if args["seeds"] and len(args["seeds"]) > 1:
-            ap.error("--count takes one start --seed")
-        start = args["seeds"][0] if args["seeds"] else 0
-        args["seeds"] = list(range(start, start + count))
-    renames = {"mlflow_uri": "tracking.uri", "experiment": "tracking.experiment",
-               "parent_run_id": "tracking.parent_run_id", "s3_endpoint": "s3.endpoint_url", "s3_profile": "s3.profile"}
-    path = args.pop("config")
-    return load_config(EvaluateConfig, path, {renames.get(k, k): v for k, v in args.items()})
+    args["seeds"] = seeds_from_flags(ap, args["seeds"], args.pop("count"))
+    return config_from_flags(EvaluateConfig, args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import job_main  # noqa: E402
-from pipelines.configs import load_config  # noqa: E402
+from pipelines.cli import config_from_flags, job_main  # noqa: E402
 from pipelines.ingest import IngestConfig  # noqa: E402
 
 
@@ -34,9 +33,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     ap.add_argument("--threads", type=int, help="download threads per process (default 16)")
     ap.add_argument("--timeout", type=int, help="seconds per URL (default 10)")
     ap.add_argument("--retries", type=int, help="retries per URL (default 0)")
-    args = vars(ap.parse_args(argv))
-    path = args.pop("config")
-    return load_config(IngestConfig, path, args)
+    return config_from_flags(IngestConfig, vars(ap.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

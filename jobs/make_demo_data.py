@@ -16,8 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import job_main  # noqa: E402
-from pipelines.configs import load_config  # noqa: E402
+from pipelines.cli import config_from_flags, job_main  # noqa: E402
 from pipelines.demo_data import DemoDataConfig, write_demo_data  # noqa: E402
 
 
@@ -30,9 +29,7 @@ def parse_args(argv: list[str] | None = None) -> DemoDataConfig:
     ap.add_argument("--seed", type=int, help="the same seed writes the same files (default 0)")
     ap.add_argument("--holdout", type=int,
                     help="(shape, background) combinations held out of training per color (default 1)")
-    args = vars(ap.parse_args(argv))
-    path = args.pop("config")
-    return load_config(DemoDataConfig, path, args)
+    return config_from_flags(DemoDataConfig, vars(ap.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

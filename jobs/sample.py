@@ -17,8 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import job_main  # noqa: E402
-from pipelines.configs import load_config  # noqa: E402
+from pipelines.cli import config_from_flags, job_main, seeds_from_flags  # noqa: E402
 from pipelines.sampling import SampleConfig  # noqa: E402
 
 
@@ -61,18 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> SampleConfig:
     ap = build_parser()
     args = vars(ap.parse_args(argv))
-    prompt_file, count = args.pop("prompt_file"), args.pop("count")
+    prompt_file = args.pop("prompt_file")
     if prompt_file:
         lines = Path(prompt_file).read_text().splitlines()
         args["prompts"] = (args["prompts"] or []) + [line.strip() for line in lines if line.strip()]
-    if count is not None:
-        if args["seeds"] and len(args["seeds"]) > 1:
-            ap.error("--count takes one start --seed")
-        start = args["seeds"][0] if args["seeds"] else 0
-        args["seeds"] = list(range(start, start + count))
-    renames = {"mlflow_uri": "tracking.uri", "s3_endpoint": "s3.endpoint_url", "s3_profile": "s3.profile"}
-    path = args.pop("config")
-    return load_config(SampleConfig, path, {renames.get(k, k): v for k, v in args.items()})
+    args["seeds"] = seeds_from_flags(ap, args["seeds"], args.pop("count"))
+    return config_from_flags(SampleConfig, args)
 
 
 def main(argv: list[str] | None = None) -> int:

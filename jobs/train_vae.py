@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import job_main  # noqa: E402
-from pipelines.configs import VAETrainConfig, load_config  # noqa: E402
+from pipelines.cli import config_from_flags, job_main  # noqa: E402
+from pipelines.configs import VAETrainConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
@@ -45,12 +45,7 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--parent-run-id", help="the pipeline's MLflow run")
     ap.add_argument("--s3-endpoint")
     ap.add_argument("--s3-profile")
-    args = vars(ap.parse_args(argv))
-    renames = {"mlflow_uri": "tracking.uri", "experiment": "tracking.experiment",
-               "parent_run_id": "tracking.parent_run_id", "s3_endpoint": "s3.endpoint_url",
-               "s3_profile": "s3.profile"}
-    path = args.pop("config")
-    return load_config(VAETrainConfig, path, {renames.get(k, k): v for k, v in args.items()})
+    return config_from_flags(VAETrainConfig, vars(ap.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

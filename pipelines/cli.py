@@ -6,6 +6,7 @@ stderr, nothing lost: e.g. a manifest mismatch or a missing previous stage).
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -38,3 +39,29 @@ def job_main(name: str, parse: Callable[[], Config], run: Callable[[Config], Any
         return EXIT_REFUSED
     print(summary.format(), flush=True)
     return 0
+
+
+# Flags named after nested config fields: every job's tracking and s3 flags mean the same thing.
+SHARED_FLAGS = {"mlflow_uri": "tracking.uri", "experiment": "tracking.experiment",
+                "parent_run_id": "tracking.parent_run_id", "s3_endpoint": "s3.endpoint_url", "s3_profile": "s3.profile"}
+
+
+def config_from_flags(model: type[Config], args: dict[str, Any], renames: dict[str, str] | None = None) -> Config:
+    """A job's validated config: its `--config` (TOML path or JSON object), then the other flags on top,
+    renamed to their (dotted) fields by SHARED_FLAGS and `renames`; flags left out (None) are ignored."""
+    from .configs import load_config
+
+    names = {**SHARED_FLAGS, **(renames or {})}
+    args = dict(args)
+    path = args.pop("config")
+    return load_config(model, path, {names.get(k, k): v for k, v in args.items()})
+
+
+def seeds_from_flags(ap: argparse.ArgumentParser, seeds: list[int] | None, count: int | None) -> list[int] | None:
+    """`--seed S --count N` -> S..S+N-1 (S default 0); `--seed` repeated -> those seeds; neither -> None."""
+    if count is None:
+        return seeds
+    if seeds and len(seeds) > 1:
+        ap.error("--count takes one start --seed")
+    start = seeds[0] if seeds else 0
+    return list(range(start, start + count))

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import queue
 import tempfile
 import threading

@@ -1,7 +1,5 @@
-import math
 
 import pytest
-import torch
 
 from hdm_model import build_optimizer, mup_param_groups, warmup_cosine_schedule
 from hdm_model.optim import lr_multiplier

@@ -101,7 +101,7 @@ def test_demo_dag_end_to_end_then_skipped_then_a_failure_stops_dependents(ray_cl
     third = run_pipeline(broken, ray_cluster, storage)
     assert third.returncode == 1
     log = storage / "_logs" / "precompute.log"
-    assert f"[precompute] FAILED (Ray job " in third.stdout and f"log: {log}" in third.stdout
+    assert "[precompute] FAILED (Ray job " in third.stdout and f"log: {log}" in third.stdout
     assert log.is_file() and "no-such-vae" in log.read_text()
     for name in ("train-32", "eval-32", "train-64", "eval-64"):
         assert f"[{name}] not run: it needs" in third.stdout

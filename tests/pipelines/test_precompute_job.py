@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
-import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +16,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
 
 from hdm_model import LatentVAE
 from pipelines.configs import PrecomputeConfig, S3Options
