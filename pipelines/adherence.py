@@ -40,7 +40,8 @@ class Detection:
 
 
 def hue(rgb: np.ndarray) -> np.ndarray:
-    """HSV hue in degrees [0, 360) of (..., 3) RGB values."""
+    """Hue angle in degrees [0, 360) of (..., 3) RGB values: 0 red, 60 yellow, 120 green, 180 cyan, ...
+    (the smooth atan2 form of HSV hue). Adding grey to a color (any (g, g, g)) leaves it unchanged."""
     rgb = np.asarray(rgb, dtype=np.float64)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     return np.degrees(np.arctan2(np.sqrt(3) * (g - b), 2 * r - g - b)) % 360  # hexagonal hue, smooth form
@@ -118,6 +119,7 @@ class EvaluateConfig(StrictModel):
     height: int = 64
     steps: int = Field(16, ge=1)
     cfg: float = 3.0
+    batch_size: int = Field(8, ge=1)  # seeds of one prompt per denoiser batch (images may differ by rounding)
     device: str | None = None  # None: cuda when available, else cpu
     out: str = "evaluation"  # local directory: the images, grid.png (rows = prompts) and adherence.json
     tracking: TrackingOptions = TrackingOptions()
@@ -161,8 +163,8 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationSummary:
         Scene.from_caption(prompt)  # refuse a prompt the detector cannot judge before sampling
     sampled = run_sampling(SampleConfig(
         checkpoint=config.checkpoint, run_id=config.run_id, prompts=prompts, seeds=config.seeds, width=config.width,
-        height=config.height, steps=config.steps, cfg=config.cfg, device=config.device, out=config.out, grid=True,
-        tracking=config.tracking, s3=config.s3))
+        height=config.height, steps=config.steps, cfg=config.cfg, batch_size=config.batch_size, device=config.device,
+        out=config.out, grid=True, tracking=config.tracking, s3=config.s3))
     from PIL import Image
 
     images = [Image.open(path) for path in sampled.images]

@@ -29,7 +29,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "yellow": (235, 205, 20), "green": (30, 170, 50),
     "cyan": (20, 200, 210), "blue": (30, 60, 220), "purple": (160, 40, 210),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (240, 240, 240), "black": (15, 15, 15), "gray": (128, 128, 128)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (240, 240, 240), "black": (15, 15, 15), "gray": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
 JITTER = 12  # +- per channel on every color, so an image's exact colors vary
 SIDE = (0.4, 0.7)  # a shape's side as a share of the image's, drawn uniformly
