@@ -62,7 +62,8 @@ class StageRun:
 
         client = MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(
+            experiment, artifact_location=_artifact_location(tracking_uri, experiment))
         found = client.search_runs([exp_id], filter_string=f"tags.`{STAGE_KEY}` = '{stage_key}'", max_results=1)
         all_tags = {STAGE_KEY: stage_key, **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_run_id:
@@ -148,6 +149,14 @@ class StageRun:
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled:
             self.client.set_terminated(self.run_id, status=status)
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database (MLflow's default is ./mlruns of whatever
+    directory the process runs in); a server decides for itself (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts" / experiment).as_uri()
 
 
 def checkpoint_uri_of_run(tracking_uri: str, run_id: str, *, tag: str = "hdm.checkpoint") -> str:
