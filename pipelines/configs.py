@@ -138,7 +138,10 @@ class VAETrainConfig(StrictModel):
     output: str  # where the trained VAE is saved (save_pretrained layout), local or s3://
     input_format: Literal["auto", "parquet", "webdataset", "folder"] = "auto"
     vae: str = "madebyollin/sdxl-vae-fp16-fix"  # hub id or path to fine-tune, or a named config ("tiny", "small")
-    crop_size: int = Field(256, ge=16)  # random square crops of images resized to this short side
+    crop_size: int = Field(256, ge=16)  # random square crops of the (resized, rescaled) images
+    image_size: int | None = Field(None, ge=16)  # short side images are resized to first; None: crop_size
+    min_scale: float = Field(1.0, gt=0, le=1)  # each sample is also shrunk by a random factor in [min_scale, 1]
+                                               # before its crop (never below crop_size): one VAE for several scales
     train: Literal["both", "encoder", "decoder"] = "both"  # decoder-only training is not EQ-VAE (spec)
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # per worker
@@ -172,6 +175,12 @@ class VAETrainConfig(StrictModel):
     @classmethod
     def _uri(cls, value: str) -> str:
         return PrecomputeConfig._uri(value)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> VAETrainConfig:
+        if self.image_size is not None and self.image_size < self.crop_size:
+            raise ValueError(f"image_size ({self.image_size}) must be at least crop_size ({self.crop_size})")
+        return self
 
 
 # The HDM recipe per resolution (hdm_spec 5.2 and 10; where report and code disagree, the code's values,

@@ -279,7 +279,7 @@ def train_loop(loop_config: dict) -> None:
         run.log_metrics(stats, step=progress["step"])
         if rank == 0:
             eta = (cfg.steps - progress["step"]) / max(stats["steps_per_s"], 1e-9)
-            print(f"[{cfg.run_name}] step {progress['step']}/{cfg.steps} loss {stats['loss']:.4f} "
+            print(f"[{cfg.tracking.run_name or cfg.run_name}] step {progress['step']}/{cfg.steps} loss {stats['loss']:.4f} "
                   f"{stats['samples_per_s']:.1f} samples/s data-wait {stats['data_wait']:.1%} "
                   f"ETA {eta / 60:.1f} min", flush=True)
 

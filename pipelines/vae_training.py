@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,11 +77,19 @@ def is_held_out(key: str) -> bool:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % 8 == 0
 
 
-def to_images(rows: dict[str, np.ndarray], size: int, rng: np.random.Generator | None) -> torch.Tensor:
-    """Square crops (B, 3, S, S) in [-1, 1]: random crops + horizontal flips with rng, centre crops without."""
+def to_images(rows: dict[str, np.ndarray], size: int, rng: np.random.Generator | None,
+              min_scale: float = 1.0) -> torch.Tensor:
+    """Square crops (B, 3, S, S) in [-1, 1]: with rng, each image shrunk by a random factor in [min_scale, 1]
+    (never below S), then a random crop and a horizontal flip half the time; without rng, centre crops."""
+    from PIL import Image
+
     out = []
     for pix, h, w in zip(rows["pixels"], rows["h"], rows["w"]):
         img = np.frombuffer(pix, np.uint8).reshape(h, w, 3)
+        if rng is not None and min_scale < 1:
+            scale = max(rng.uniform(min_scale, 1.0), size / min(h, w))
+            h, w = max(size, round(h * scale)), max(size, round(w * scale))
+            img = np.asarray(Image.fromarray(img).resize((w, h), Image.BICUBIC))
         top = int(rng.integers(0, h - size + 1)) if rng is not None else (h - size) // 2
         left = int(rng.integers(0, w - size + 1)) if rng is not None else (w - size) // 2
         crop = img[top:top + size, left:left + size]
@@ -147,11 +156,12 @@ def train_loop(loop_config: dict) -> None:
     rng = np.random.default_rng(cfg.seed + 1000 * rank)
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     step = 0
+    start = time.monotonic()
     while step < cfg.steps:
         seen = 0
         for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True):
             seen += 1
-            x = to_images(batch, cfg.crop_size, rng).to(device)
+            x = to_images(batch, cfg.crop_size, rng, cfg.min_scale).to(device)
             loss, parts = objective(x, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -161,6 +171,11 @@ def train_loop(loop_config: dict) -> None:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 run.log_metrics({**{f"train/{k}": v for k, v in parts.items()},
                                  "train/grad_norm": float(grad_norm)}, step=step)
+                if rank == 0:
+                    elapsed = time.monotonic() - start
+                    print(f"[train-vae] step {step}/{cfg.steps} loss {float(loss):.4f} "
+                          f"{step / elapsed:.1f} steps/s ETA {(cfg.steps - step) * elapsed / step / 60:.1f} min",
+                          flush=True)
             if step >= cfg.steps:
                 break
         if seen == 0:
@@ -245,12 +260,13 @@ def run_vae_training(config: VAETrainConfig) -> VAETrainSummary:
                          "set lpips_weight = adv_weight = 0 (pixel + KL + equivariance objective)")
     print("train-vae: objective = pixel ({}) + KL ({}) + equivariance (p={}); LPIPS off (no VGG weights), "
           "adversarial off".format(config.pixel_loss, config.kl_weight, config.p_eq), flush=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # before any dataset: the log lines say more
     fs, root = resolve(config.input, config.s3)
     _, units = list_units(fs, root, config.input_format)
     if not units:
         raise FileNotFoundError(f"no images under {config.input}")
     error_log = ErrorLog.remote()
-    size = config.crop_size
+    size = config.image_size or config.crop_size
     ds = ray.data.from_items([u.__dict__ for u in units])
     ds = ds.map_batches(ReadStage(fs, [size], {size: set()}), batch_format="pyarrow", batch_size=8, num_cpus=0.5)
     ds = ds.map_batches(PrepareStage(TransformSpec(max_aspect=4.0), config.max_pixels, want_thumbnail=False),
@@ -259,7 +275,8 @@ def run_vae_training(config: VAETrainConfig) -> VAETrainSummary:
     held_out = ds.filter(lambda row: is_held_out(row["key"])).take(config.eval_images)
     if not held_out:
         raise ValueError("no held-out image (one key in eight is held out): the input has too few usable images")
-    eval_images = to_images({k: [r[k] for r in held_out] for k in ("pixels", "h", "w")}, size, None).numpy()
+    eval_images = to_images({k: [r[k] for r in held_out] for k in ("pixels", "h", "w")}, config.crop_size,
+                            None).numpy()
     train_ds = ds.filter(lambda row: not is_held_out(row["key"]))
 
     tracking_uri = config.tracking.resolved_uri()
@@ -269,7 +286,6 @@ def run_vae_training(config: VAETrainConfig) -> VAETrainSummary:
                         parent_run_id=config.tracking.parent_run_id, tags={"hdm.stage": "train-vae",
                                                                            "hdm.input": config.input})
     run.log_params(config.model_dump(mode="json"))
-    ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "eval": eval_images, "run_id": run.run_id,
