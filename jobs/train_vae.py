@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--input-format", choices=["auto", "parquet", "webdataset", "folder"])
     ap.add_argument("--vae", help="hub id or path to fine-tune, or 'tiny' / 'small' to train from scratch")
     ap.add_argument("--crop-size", type=int, help="square training crops, px (multiple of 16)")
+    ap.add_argument("--image-size", type=int, help="short side images are resized to before cropping (default: crop size)")
+    ap.add_argument("--min-scale", type=float, help="shrink each sample by a random factor in [MIN_SCALE, 1] first")
     ap.add_argument("--train", choices=["both", "encoder", "decoder"], help="which parts train (default both)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch-size", type=int, help="images per worker and step")
