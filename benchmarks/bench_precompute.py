@@ -17,7 +17,7 @@ Ray Data told to start processing only once all encoders are up (`DataContext.wa
 job's planning, worker start-up, imports and model load are left out (and reported), while everything after
 that (reading and decoding the first batch, scheduling, starting workers for the Write tasks) counts.
 `ray.init` (cluster start) is timed apart and excluded. The job runs once per `--encoders` value (default: 1,
-and one per core, the job's default on CPU; each with cores/encoders torch threads) on a local cluster started by this
+the job's default on CPU, and one per core; each with cores/encoders torch threads) on a local cluster started by this
 script with `--cpus` CPUs. The N images are split over `--rounds` rounds (default 2); in each the loop and the
 job(s) process the same images, taking turns to go first, so that slow drifts in the machine's load hit both
 alike; rates are summed over rounds.
