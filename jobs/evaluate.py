@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.adherence import EvaluateConfig  # noqa: E402
-from pipelines.cli import config_from_flags, job_main, seeds_from_flags  # noqa: E402
+from pipelines.cli import add_shared_flags, config_from_flags, job_main, seeds_from_flags  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
@@ -38,11 +38,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     ap.add_argument("--batch-size", type=int, help="seeds of one prompt per denoiser batch (default 8)")
     ap.add_argument("--device", help="e.g. cuda, cpu (default: cuda when available)")
     ap.add_argument("--out", help="output directory (default ./evaluation)")
-    ap.add_argument("--mlflow-uri", help="default $MLFLOW_TRACKING_URI, else sqlite under ~/.hdm")
-    ap.add_argument("--experiment")
-    ap.add_argument("--parent-run-id", help="the pipeline's run (for an evaluate run of a --checkpoint)")
-    ap.add_argument("--s3-endpoint")
-    ap.add_argument("--s3-profile")
+    add_shared_flags(ap)
     args = vars(ap.parse_args(argv))
     args["seeds"] = seeds_from_flags(ap, args["seeds"], args.pop("count"))
     return config_from_flags(EvaluateConfig, args)

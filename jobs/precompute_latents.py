@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import config_from_flags, job_main  # noqa: E402
+from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
 from pipelines.configs import PrecomputeConfig  # noqa: E402
 from pipelines.latent_store import ManifestMismatch  # noqa: E402
 
@@ -43,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
     ap.add_argument("--caption-policy", choices=["replace", "append"])
     ap.add_argument("--caption-actors", type=int)
     ap.add_argument("--caption-gpus", type=float, help="GPUs per caption actor")
-    ap.add_argument("--s3-endpoint", help="e.g. http://127.0.0.1:9000")
-    ap.add_argument("--s3-profile", help="AWS profile for s3:// URIs")
+    add_shared_flags(ap, tracking=False)
     return config_from_flags(PrecomputeConfig, vars(ap.parse_args(argv)), {
         "caption_mode": "caption.mode", "caption_model": "caption.model", "caption_policy": "caption.policy",
         "caption_actors": "caption.actors", "caption_gpus": "caption.gpus_per_actor"})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import config_from_flags, job_main, seeds_from_flags  # noqa: E402
+from pipelines.cli import add_shared_flags, config_from_flags, job_main, seeds_from_flags  # noqa: E402
 from pipelines.sampling import SampleConfig  # noqa: E402
 
 
@@ -51,9 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", help="output directory for the PNGs (default ./samples)")
     ap.add_argument("--grid", action="store_const", const=True,
                     help="also write grid.png: rows = prompts, columns = seeds")
-    ap.add_argument("--mlflow-uri", help="tracking server for --run-id (default: $MLFLOW_TRACKING_URI)")
-    ap.add_argument("--s3-endpoint", help="e.g. http://127.0.0.1:9000, for s3:// URIs")
-    ap.add_argument("--s3-profile", help="AWS profile for s3:// URIs")
+    add_shared_flags(ap, runs=False)  # --mlflow-uri: where --run-id is looked up
     return ap
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import config_from_flags, job_main  # noqa: E402
+from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
 from pipelines.configs import StageConfig  # noqa: E402
 
 
@@ -50,11 +50,7 @@ def parse_args(argv: list[str] | None = None) -> StageConfig:
     ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--max-failures", type=int, help="worker failures to recover from")
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--mlflow-uri", help="default $MLFLOW_TRACKING_URI, else sqlite under ~/.hdm")
-    ap.add_argument("--experiment")
-    ap.add_argument("--parent-run-id")
-    ap.add_argument("--s3-endpoint")
-    ap.add_argument("--s3-profile")
+    add_shared_flags(ap)
     return config_from_flags(StageConfig, vars(ap.parse_args(argv)), {"sample_every": "sample.every"})
 
 

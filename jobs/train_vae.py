@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import config_from_flags, job_main  # noqa: E402
+from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
 from pipelines.configs import VAETrainConfig  # noqa: E402
 
 
@@ -26,7 +26,8 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--input-format", choices=["auto", "parquet", "webdataset", "folder"])
     ap.add_argument("--vae", help="hub id or path to fine-tune, or 'tiny' / 'small' to train from scratch")
     ap.add_argument("--crop-size", type=int, help="square training crops, px (multiple of 16)")
-    ap.add_argument("--image-size", type=int, help="short side images are resized to before cropping (default: crop size)")
+    ap.add_argument("--image-size", type=int,
+                    help="short side images are resized to before cropping (default: crop size)")
     ap.add_argument("--min-scale", type=float, help="shrink each sample by a random factor in [MIN_SCALE, 1] first")
     ap.add_argument("--train", choices=["both", "encoder", "decoder"], help="which parts train (default both)")
     ap.add_argument("--steps", type=int)
@@ -42,11 +43,7 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--workers", type=int, help="Ray Train workers (DDP)")
     ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--mlflow-uri", help="tracking server (default: $MLFLOW_TRACKING_URI; none: no tracking)")
-    ap.add_argument("--experiment", help="MLflow experiment (default hdm)")
-    ap.add_argument("--parent-run-id", help="the pipeline's MLflow run")
-    ap.add_argument("--s3-endpoint")
-    ap.add_argument("--s3-profile")
+    add_shared_flags(ap)
     return config_from_flags(VAETrainConfig, vars(ap.parse_args(argv)))
 
 

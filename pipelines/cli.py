@@ -46,6 +46,19 @@ SHARED_FLAGS = {"mlflow_uri": "tracking.uri", "experiment": "tracking.experiment
                 "parent_run_id": "tracking.parent_run_id", "s3_endpoint": "s3.endpoint_url", "s3_profile": "s3.profile"}
 
 
+def add_shared_flags(ap: argparse.ArgumentParser, *, tracking: bool = True, runs: bool = True) -> None:
+    """The flags SHARED_FLAGS maps, spelled alike by every job: s3 always, the MLflow URI with `tracking`,
+    and the experiment and parent run too with `runs` (jobs that log runs of their own)."""
+    if tracking:
+        ap.add_argument("--mlflow-uri",
+                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite under ~/.hdm)")
+        if runs:
+            ap.add_argument("--experiment", help="MLflow experiment (default hdm)")
+            ap.add_argument("--parent-run-id", help="the pipeline's MLflow run, when a DAG runs this job")
+    ap.add_argument("--s3-endpoint", help="S3 endpoint for s3:// URIs, e.g. http://127.0.0.1:9000")
+    ap.add_argument("--s3-profile", help="AWS profile for s3:// URIs")
+
+
 def config_from_flags(model: type[Config], args: dict[str, Any], renames: dict[str, str] | None = None) -> Config:
     """A job's validated config: its `--config` (TOML path or JSON object), then the other flags on top,
     renamed to their (dotted) fields by SHARED_FLAGS and `renames`; flags left out (None) are ignored."""
