@@ -319,20 +319,14 @@ def estimate(config: PipelineConfig, stage: StagePlan, job: BaseModel) -> dict[s
     figures = spec.plan
     images = figures.images or config.pipeline.images
     out: dict[str, Any] = {}
-    if isinstance(job, StageConfig):
+    if isinstance(job, (StageConfig, VAETrainConfig)):  # both train on Ray Train: workers x batch [x accum]
         workers = job.workers or (4 if config.pipeline.use_gpu else 2)
-        samples = job.steps * job.batch_size * job.grad_accum * workers
+        accum = getattr(job, "grad_accum", 1)
+        samples = job.steps * job.batch_size * accum * workers
         out.update(steps=job.steps, workers=workers, samples=samples,
-                   batch=f"{workers} x {job.batch_size} x {job.grad_accum} accum")
-        if images:
+                   batch=f"{workers} x {job.batch_size} x {accum} accum")
+        if images and isinstance(job, StageConfig):
             out["epochs"] = samples / images
-        if figures.throughput:
-            hours = samples / (figures.throughput * workers) / 3600
-            out.update(hours=hours, worker_hours=hours * workers)
-    elif isinstance(job, VAETrainConfig):
-        workers = job.workers or (4 if config.pipeline.use_gpu else 2)
-        samples = job.steps * job.batch_size * workers
-        out.update(steps=job.steps, workers=workers, samples=samples)
         if figures.throughput:
             hours = samples / (figures.throughput * workers) / 3600
             out.update(hours=hours, worker_hours=hours * workers)
@@ -369,8 +363,7 @@ def format_plan(config: PipelineConfig, stages: list[StagePlan]) -> str:
         lines.append(f"      output {stage.folder}")
         details = []
         if "steps" in est:
-            details.append(f"{est['steps']:,} steps, {est['samples']:,} samples ({est.get('batch', est['workers'])}"
-                           f"{' workers' if 'batch' not in est else ''})")
+            details.append(f"{est['steps']:,} steps, {est['samples']:,} samples ({est['batch']})")
         if "epochs" in est:
             details.append(f"{est['epochs']:.2f} epochs")
         if "storage" in est:
