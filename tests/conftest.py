@@ -53,3 +53,13 @@ def mlflow_server():
     """An MLflow tracking server on 127.0.0.1: MLFLOW_TRACKING_URI."""
     with _reuse_or_start(("MLFLOW_TRACKING_URI",), services.start_mlflow) as env:
         yield env
+
+
+@pytest.fixture(scope="module")
+def ray_driver(ray_cluster):
+    """This test process as a driver of the session's Ray cluster, for one test module."""
+    import ray
+
+    ray.init(address=ray_cluster["RAY_ADDRESS"], log_to_driver=False)
+    yield
+    ray.shutdown()

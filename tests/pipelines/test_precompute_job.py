@@ -37,15 +37,6 @@ def vae_dir(tmp_path_factory) -> Path:
     return make_tiny_vae(tmp_path_factory.mktemp("vae") / "vae")
 
 
-@pytest.fixture(scope="module")
-def ray_driver(ray_cluster):
-    """This test process as a driver of the test cluster (for the runs that need not go through the CLI)."""
-    import ray
-
-    ray.init(address=ray_cluster["RAY_ADDRESS"], log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def run_in_process(**fields):
     from pipelines.precompute import run_precompute

@@ -79,14 +79,6 @@ def test_no_previous_stage_is_a_clear_error(ray_cluster, mlflow_server, models, 
     assert "--init-from auto found no finished training run below 64 px" in result.output
 
 
-@pytest.fixture(scope="module")
-def ray_driver(ray_cluster):
-    import ray
-
-    ray.init(address=ray_cluster["RAY_ADDRESS"], log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, ray_driver, mlflow_server, models, tmp_path):
     from ray.util.state import list_actors

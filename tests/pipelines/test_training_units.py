@@ -97,17 +97,8 @@ def test_ema_turned_on_at_resume_starts_from_the_restored_weights(tmp_path):
         torch.testing.assert_close(fresh_ema.shadow[name], value, rtol=0, atol=0)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.integration
-def test_prefetcher_crosses_epochs_skips_on_resume_and_raises_errors(ray_local):
+def test_prefetcher_crosses_epochs_skips_on_resume_and_raises_errors(ray_driver):
     import ray
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # batches in row order

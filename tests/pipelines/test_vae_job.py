@@ -25,14 +25,6 @@ def images(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def ray_driver(ray_cluster):
-    import ray
-
-    ray.init(address=ray_cluster["RAY_ADDRESS"], log_to_driver=False)
-    yield
-    ray.shutdown()
-
 
 def _train(**fields):
     from pipelines.vae_training import run_vae_training
