@@ -13,7 +13,9 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from hdm_model.vae import DEFAULT_VAE
+# hdm_model.vae.DEFAULT_VAE, not imported from there: that would import torch into every process that reads a
+# config, Ray Data's read and write workers included (2.5 s of CPU each, taken from the encoders on a small node)
+DEFAULT_VAE = "KBlueLeaf/EQ-SDXL-VAE"
 
 Model = TypeVar("Model", bound=BaseModel)
 

@@ -279,8 +279,8 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     gpus = config.gpus_per_encoder
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    # one encoder per GPU; on CPU one, using every core (benchmarks/bench_precompute.py, idle 2-core machine:
-    # 1 encoder x 2 threads 0.70x the plain loop, 2 encoders x 1 thread 0.65x)
+    # one encoder per GPU; on CPU one, using every core (benchmarks/bench_precompute.py --n 32, SDXL-size VAE,
+    # idle 2-core machine: 1 encoder x 2 threads 0.89x the plain loop, 2 encoders x 1 thread 0.76x)
     actors = config.encoders or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus else 1)
     cpus = 1.0  # unlike the tasks' 0.5: no fusion
     if not gpus:  # CPU encoders use their share of the cores (torch threads) whatever they ask for: ask for less

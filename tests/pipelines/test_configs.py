@@ -40,3 +40,17 @@ def test_job_command_line(tmp_path):
     assert config.input == "s3://b/in" and config.output == "out" and config.resolutions == [256, 512]
     assert config.store_std is False and config.caption.model == "m"
     assert config.s3.endpoint_url == "http://127.0.0.1:1"
+
+
+def test_default_vae_matches_the_model_package_and_configs_do_not_import_torch():
+    import subprocess
+    import sys
+
+    from hdm_model.vae import DEFAULT_VAE as MODEL_DEFAULT
+    from pipelines.configs import DEFAULT_VAE
+
+    assert DEFAULT_VAE == MODEL_DEFAULT
+    # Ray Data's read/write workers import pipelines.precompute: torch there costs seconds of CPU per worker
+    probe = "import sys, pipelines.precompute; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
