@@ -2,10 +2,11 @@
 its log streamed here and kept, its run recorded in MLflow under one parent run for the pipeline.
 
 A stage is skipped when its MLflow run (found by stage name + config digest) finished and recorded its
-outputs; `from_stage` reruns a stage and everything downstream of it from scratch (its old output folder
-is deleted first). A stage that did not finish last time is resubmitted with the same output folder, so
-the jobs' own resume (precompute by key, training from its last checkpoint) picks up where it stopped.
-A failed stage stops its dependents; independent stages still run.
+outputs, and those outputs still exist (deleted ones make it run again); `from_stage` reruns a stage and
+everything downstream of it from scratch (its old output folder is deleted first). A stage that did not
+finish last time is resubmitted with the same output folder, so the jobs' own resume (precompute by key,
+training from its last checkpoint) picks up where it stopped. A failed stage stops its dependents;
+independent stages still run.
 """
 
 from __future__ import annotations
@@ -102,8 +103,12 @@ class PipelineRunner:
         state = previous.state()
         if not force and state.status == "FINISHED" and state.tags.get(DONE_TAG) == stage.digest:
             outputs = {k[len(OUTPUT_TAG):]: v for k, v in state.tags.items() if k.startswith(OUTPUT_TAG)}
-            self.say(f"[{stage.name}] skipped: finished before with the same config ({stage.digest[:12]})")
-            return StageResult(stage.name, "skipped", outputs, _own_metrics(state.metrics))
+            gone = [uri for uri in outputs.values() if not exists(*resolve(uri, self.config.pipeline.s3))]
+            if not gone:
+                self.say(f"[{stage.name}] skipped: finished before with the same config ({stage.digest[:12]})")
+                return StageResult(stage.name, "skipped", outputs, _own_metrics(state.metrics))
+            self.say(f"[{stage.name}] finished before with the same config, but its output {gone[0]} is gone: "
+                     "running it again")
         fs, path = resolve(stage.folder, self.config.pipeline.s3)
         if force and exists(fs, path):
             self.say(f"[{stage.name}] --from: deleting the previous output {stage.folder}")
