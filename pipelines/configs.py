@@ -147,6 +147,7 @@ class VAETrainConfig(StrictModel):
     train: Literal["both", "encoder", "decoder"] = "both"  # decoder-only training is not EQ-VAE (spec)
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # per worker
+    shuffle_buffer: int = Field(256, ge=0)  # rows each worker shuffles its batches from, every epoch; 0: input order
     lr: float = Field(2e-5, gt=0)
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = Field(0.01, ge=0)
@@ -235,6 +236,7 @@ class StageConfig(StrictModel):
     weight_decay: float = Field(ge=0)
     grad_clip: float = Field(gt=0)
     batch_size: int = Field(ge=1)  # per worker and micro-step
+    shuffle_buffer: int = Field(1024, ge=0)  # rows each worker draws its batches from, reseeded every epoch; 0: off
     grad_accum: int = Field(ge=1)
     tread_rate: float = Field(ge=0, lt=1)
     ctx_length: int = Field(ge=1)  # text tokens (training pads every caption to this length)

@@ -75,16 +75,19 @@ END_OF_EPOCH = object()
 class BatchPrefetcher:
     """The worker's shard as ready model inputs, prepared `depth` batches ahead by a background thread.
 
-    The thread iterates epoch after epoch (skipping the first `skip` batches, to resume within an epoch),
-    runs `batcher` on each batch (fp16 decode, posterior draw, crops) and queues the result, then
+    The thread iterates epoch after epoch from `epoch` (skipping the first `skip` batches, to resume within
+    an epoch), runs `batcher` on each batch (fp16 decode, posterior draw, crops) and queues the result, then
     END_OF_EPOCH. So the step does not wait when Ray Data starts an epoch (~0.1 s on CPU, much more on a
     busy node: a small set has an epoch every few steps) and the per-sample work overlaps the step.
+    With `shuffle_buffer`, each epoch draws its batches from a buffer of that many rows, seeded by
+    (`seed`, epoch): a new order every epoch, and the same order again when a run resumes mid-epoch.
     `next()` returns the next item and raises whatever the thread raised.
     """
 
     def __init__(self, shard, batcher: Callable[[dict[str, np.ndarray]], Any], *, batch_size: int, skip: int = 0,
-                 depth: int = 4):
+                 epoch: int = 0, shuffle_buffer: int = 0, seed: int = 0, depth: int = 4):
         self.shard, self.batcher, self.batch_size, self.skip = shard, batcher, batch_size, skip
+        self.epoch, self.shuffle_buffer, self.seed = epoch, shuffle_buffer, seed
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._fill, name="batch-prefetch", daemon=True)
@@ -102,11 +105,13 @@ class BatchPrefetcher:
 
     def _fill(self) -> None:
         try:
-            skip = self.skip
+            skip, epoch = self.skip, self.epoch
             while not self.stopped.is_set():
                 seen = 0
+                shuffle = dict(local_shuffle_buffer_size=self.shuffle_buffer,
+                               local_shuffle_seed=self.seed + epoch) if self.shuffle_buffer else {}
                 for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
-                                                     drop_last=True, prefetch_batches=2):
+                                                     drop_last=True, prefetch_batches=2, **shuffle):
                     seen += 1
                     if skip:
                         skip -= 1
@@ -117,6 +122,7 @@ class BatchPrefetcher:
                                        "(fewer rows than workers x batch size)")
                 if not self._put(END_OF_EPOCH):
                     return
+                epoch += 1
         except BaseException as error:  # handed to the training loop, which raises it
             self._put(error)
 
@@ -305,7 +311,8 @@ def train_loop(loop_config: dict) -> None:
 
     # Resumes the data position within the interrupted epoch. Data wait: the loop blocked on the next batch.
     data = BatchPrefetcher(ray.train.get_dataset_shard("train"), batcher, batch_size=cfg.batch_size,
-                           skip=progress["batch_in_epoch"])
+                           skip=progress["batch_in_epoch"], epoch=progress["epoch"], shuffle_buffer=cfg.shuffle_buffer,
+                           seed=cfg.seed + 7919 * rank)
     try:
         while progress["step"] < cfg.steps:
             meter.wait_start()

@@ -157,9 +157,14 @@ def train_loop(loop_config: dict) -> None:
     gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
     step = 0
     start = time.monotonic()
+    epoch = 0
     while step < cfg.steps:
-        seen = 0
-        for batch in shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True):
+        seen, epoch = 0, epoch + 1
+        # a new order every epoch (seeded): a small set otherwise repeats the same batches in the same order
+        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=cfg.shuffle_buffer or None,
+                                     local_shuffle_seed=cfg.seed + 1000 * rank + epoch if cfg.shuffle_buffer else None)
+        for batch in batches:
             seen += 1
             x = to_images(batch, cfg.crop_size, rng, cfg.min_scale).to(device)
             loss, parts = objective(x, gen)
@@ -173,7 +178,7 @@ def train_loop(loop_config: dict) -> None:
                                  "train/grad_norm": float(grad_norm)}, step=step)
                 if rank == 0:
                     elapsed = time.monotonic() - start
-                    print(f"[train-vae] step {step}/{cfg.steps} loss {float(loss):.4f} "
+                    print(f"[train-vae] step {step}/{cfg.steps} loss {loss.item():.4f} "
                           f"{step / elapsed:.1f} steps/s ETA {(cfg.steps - step) * elapsed / step / 60:.1f} min",
                           flush=True)
             if step >= cfg.steps:

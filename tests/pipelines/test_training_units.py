@@ -127,3 +127,30 @@ def test_sampling_a_checkpoint_uses_its_ema_weights(tmp_path):
     trained = load_checkpoint_denoiser(tmp_path, ema=False).state_dict()
     assert all(torch.equal(with_ema[k], shadow[k]) for k in shadow)
     assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.integration
+def test_prefetcher_shuffles_each_epoch_anew_and_resumes_the_same_order(ray_driver):
+    import ray
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+
+    def epochs(n: int, **kwargs) -> list[list[list[int]]]:  # a fresh shard each time, as a restarted worker
+        shard = ray.data.from_items([{"id": i} for i in range(12)]).streaming_split(1, equal=True)[0]
+        data = BatchPrefetcher(shard, lambda batch: batch["id"].tolist(), batch_size=3, shuffle_buffer=12, seed=5,
+                               **kwargs)
+        out, current = [], []
+        while len(out) < n:
+            item = data.next()
+            if item is END_OF_EPOCH:
+                out, current = out + [current], []
+            else:
+                current.append(item)
+        data.close()
+        return out
+
+    first, second = epochs(2)
+    assert sorted(sum(first, [])) == sorted(sum(second, [])) == list(range(12))  # every row once per epoch
+    assert first != second and sum(first, []) != list(range(12))  # shuffled, and anew each epoch
+    (resumed,) = epochs(1, epoch=1, skip=1)  # a run stopped after the 1st batch of its 2nd epoch
+    assert resumed == second[1:]
