@@ -99,9 +99,12 @@ class BatchPrefetcher:
             raise item
         return item
 
-    def close(self) -> None:
-        """Stops the thread at its next batch (it is a daemon: one blocked in Ray Data dies with the worker)."""
+    def close(self, wait_s: float = 0.0) -> None:
+        """Stops the thread at its next batch, waiting up to `wait_s` for it to end (it is a daemon: one
+        blocked in Ray Data, say on an epoch the other workers never start, dies with the worker)."""
         self.stopped.set()
+        if wait_s:
+            self.thread.join(wait_s)
 
     def _fill(self) -> None:
         try:

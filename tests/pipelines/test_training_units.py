@@ -105,7 +105,7 @@ def test_prefetcher_crosses_epochs_skips_on_resume_and_raises_errors(ray_driver)
     shard = ray.data.from_items([{"id": i} for i in range(10)]).streaming_split(1, equal=True)[0]
     data = BatchPrefetcher(shard, lambda batch: batch["id"].tolist(), batch_size=3, skip=2)
     items = [data.next() for _ in range(6)]
-    data.close()
+    data.close(wait_s=30)  # no Ray call of its thread may outlive the module's ray.shutdown()
     # 3 full batches per epoch (drop_last); resuming after the 2nd batch of an epoch yields its 3rd first.
     assert items == [[6, 7, 8], END_OF_EPOCH, [0, 1, 2], [3, 4, 5], [6, 7, 8], END_OF_EPOCH]
 
@@ -146,7 +146,7 @@ def test_prefetcher_shuffles_each_epoch_anew_and_resumes_the_same_order(ray_driv
                 out, current = out + [current], []
             else:
                 current.append(item)
-        data.close()
+        data.close(wait_s=30)
         return out
 
     first, second = epochs(2)
