@@ -1,4 +1,4 @@
-"""Sizing Ray Train worker groups against the cluster they run on."""
+"""Ray Train worker groups: sizing them against the cluster they run on, and how a worker reads its shard."""
 
 from __future__ import annotations
 
@@ -16,3 +16,10 @@ def scaling(workers: int | None, use_gpu: bool | None):
     n = workers or (4 if gpu else 2)
     cpus = 1.0 if gpu else min(1.0, max(0.25, (resources.get("CPU", 1) - 1) / n))
     return ScalingConfig(num_workers=n, use_gpu=gpu, resources_per_worker={"CPU": cpus})
+
+
+def epoch_batches(shard, *, batch_size: int, shuffle_buffer: int, seed: int, **options):
+    """One epoch of a worker's dataset shard as numpy batches (`drop_last`). With `shuffle_buffer`, batches
+    are drawn from a buffer of that many rows with `seed`: give each epoch its own seed for a new order."""
+    shuffle = dict(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed) if shuffle_buffer else {}
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle, **options)

@@ -28,7 +28,7 @@ import torch
 
 from hdm_model.pipeline import EMA_WEIGHTS_NAME
 
-from .cluster import scaling
+from .cluster import epoch_batches, scaling
 from .configs import S3Options, StageConfig
 from .latent_store import read_manifest, res_dir
 from .secrets import redact
@@ -111,10 +111,8 @@ class BatchPrefetcher:
             skip, epoch = self.skip, self.epoch
             while not self.stopped.is_set():
                 seen = 0
-                shuffle = dict(local_shuffle_buffer_size=self.shuffle_buffer,
-                               local_shuffle_seed=self.seed + epoch) if self.shuffle_buffer else {}
-                for batch in self.shard.iter_batches(batch_size=self.batch_size, batch_format="numpy",
-                                                     drop_last=True, prefetch_batches=2, **shuffle):
+                for batch in epoch_batches(self.shard, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
+                                           seed=self.seed + epoch, prefetch_batches=2):
                     seen += 1
                     if skip:
                         skip -= 1
@@ -288,7 +286,8 @@ def train_loop(loop_config: dict) -> None:
         run.log_metrics(stats, step=progress["step"])
         if rank == 0:
             eta = (cfg.steps - progress["step"]) / max(stats["steps_per_s"], 1e-9)
-            print(f"[{cfg.tracking.run_name or cfg.run_name}] step {progress['step']}/{cfg.steps} loss {stats['loss']:.4f} "
+            name = cfg.tracking.run_name or cfg.run_name
+            print(f"[{name}] step {progress['step']}/{cfg.steps} loss {stats['loss']:.4f} "
                   f"{stats['samples_per_s']:.1f} samples/s data-wait {stats['data_wait']:.1%} "
                   f"ETA {eta / 60:.1f} min", flush=True)
 

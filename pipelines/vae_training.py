@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
-from .cluster import scaling
+from .cluster import epoch_batches, scaling
 from .configs import VAETrainConfig
 from .images import TransformSpec
 from .precompute import PrepareStage, ReadStage
@@ -161,10 +161,8 @@ def train_loop(loop_config: dict) -> None:
     while step < cfg.steps:
         seen, epoch = 0, epoch + 1
         # a new order every epoch (seeded): a small set otherwise repeats the same batches in the same order
-        batches = shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=cfg.shuffle_buffer or None,
-                                     local_shuffle_seed=cfg.seed + 1000 * rank + epoch if cfg.shuffle_buffer else None)
-        for batch in batches:
+        for batch in epoch_batches(shard, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                                   seed=cfg.seed + 1000 * rank + epoch):
             seen += 1
             x = to_images(batch, cfg.crop_size, rng, cfg.min_scale).to(device)
             loss, parts = objective(x, gen)
