@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ray
 
 
@@ -16,6 +18,13 @@ def scaling(workers: int | None, use_gpu: bool | None):
     n = workers or (4 if gpu else 2)
     cpus = 1.0 if gpu else min(1.0, max(0.25, (resources.get("CPU", 1) - 1) / n))
     return ScalingConfig(num_workers=n, use_gpu=gpu, resources_per_worker={"CPU": cpus})
+
+
+def cpu_threads(workers_on_node: int, threads: int | None = None) -> int:
+    """torch threads for one of `workers_on_node` CPU workers: `threads`, else its share of the node's cores.
+    Ray starts a worker with OMP_NUM_THREADS set to its CPU request (1, or less than 1 rounded up), so a lone
+    worker on a 2-core node would otherwise compute on one core and leave the other idle."""
+    return threads or max(1, (os.cpu_count() or 1) // max(1, workers_on_node))
 
 
 def epoch_batches(shard, *, batch_size: int, shuffle_buffer: int, seed: int, **options):

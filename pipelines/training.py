@@ -28,7 +28,7 @@ import torch
 
 from hdm_model.pipeline import EMA_WEIGHTS_NAME
 
-from .cluster import epoch_batches, scaling
+from .cluster import cpu_threads, epoch_batches, scaling
 from .configs import S3Options, StageConfig
 from .latent_store import read_manifest, res_dir
 from .secrets import redact
@@ -237,6 +237,8 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(cpu_threads(ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
     text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, max_length=cfg.ctx_length, device=device)
     model = build_denoiser(cfg.model, ctx_dim=text_encoder.hidden_size, tread_rate=cfg.tread_rate,

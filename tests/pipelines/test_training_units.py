@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from hdm_model import build_denoiser, build_optimizer, warmup_cosine_schedule
+from pipelines.cluster import cpu_threads
 from pipelines.configs import StageConfig
 from pipelines.training import EMA, EMA_NAME, END_OF_EPOCH, BatchPrefetcher, _restore, save_checkpoint
 
@@ -15,6 +18,12 @@ def _set_weights(model: torch.nn.Module, value: torch.Tensor) -> None:
     with torch.no_grad():
         model.weight.copy_(value)
         model.bias.fill_(float(value.mean()))
+
+
+def test_cpu_workers_share_the_node_cores_as_torch_threads(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [cpu_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert cpu_threads(2, threads=3) == 3  # an explicit count wins
 
 
 def test_ema_after_k_updates_is_the_closed_form():
