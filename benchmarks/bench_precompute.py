@@ -10,14 +10,17 @@ per resolution, `LatentVAE.encode` (mean and std) of the images of one batch gro
 `EncodeStage` groups them, fp16 conversion, output rows, and the Parquet write (`LatentWriter`): writing is
 INCLUDED in both, one file per batch (the job gets rows_per_file = batch_size).
 
-Throughput method: steady state = all N images over the time from "VAE loaded" to the end of the last Parquet
-write. The loop: timed after `LatentVAE.from_pretrained` returns. The job: from the end of its last encoder
-actor's constructor (the VAE load) to the end of its last Write task, both read from `ray.timeline()`, with
-Ray Data told to start processing only once all encoders are up (`DataContext.wait_for_min_actors_s`); so the
-job's planning, worker start-up, imports and model load are left out (and reported), while everything after
-that (reading and decoding the first batch, scheduling, starting workers for the Write tasks) counts.
+Throughput method: steady state = all N images over the time from the start of the first VAE encode call to the
+end of the last Parquet write, in both: the loop's clock, the job's `ray.timeline()` (its first encoder task to
+its last Write task). Every image's encode falls inside that window; what it leaves out is pipeline fill, in
+the loop reading and decoding the first batch (~50 ms), in the job its planning, worker start-up, imports,
+the VAE load and the first batch's read and decode. Ray Data is told to start processing only once all
+encoders are up (`DataContext.wait_for_min_actors_s`), so no encoder starts late. Also printed: the rate
+from "VAE loaded" (the loop: after `LatentVAE.from_pretrained`; the job: its last encoder actor's constructor),
+which adds the first batch's read and decode (in the job, in a freshly started worker) to the window, and
+the whole `run_precompute` call.
 `ray.init` (cluster start) is timed apart and excluded. The job runs once per `--encoders` value (default: 1,
-the job's default on CPU, and one per core; each with cores/encoders torch threads) on a local cluster started by this
+one per core, the job's default on CPU; each with cores/encoders torch threads) on a local cluster started by this
 script with `--cpus` CPUs. The N images are split over `--rounds` rounds (default 2); in each the loop and the
 job(s) process the same images, taking turns to go first, so that slow drifts in the machine's load hit both
 alike; rates are summed over rounds.
@@ -137,7 +140,7 @@ def run_loop(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int
         split[stage] += clock() - t0
         return result
 
-    start = clock()
+    start, first_encode = clock(), None
     for b in range(0, len(units), batch_size):
         jobs = []  # (unit, sha256, image size, res, pixels)
         for unit in units[b:b + batch_size]:
@@ -158,6 +161,8 @@ def run_loop(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int
         rows = []
         for (h, w), group in by_size.items():
             def encode():
+                nonlocal first_encode
+                first_encode = first_encode or clock()
                 images = torch.from_numpy(np.stack([j[4] for j in group])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
                 return vae.encode(images)
             mean, std = timed("encode", encode)
@@ -171,7 +176,9 @@ def run_loop(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int
             split["fp16 + rows"] += clock() - t0
         if rows:
             timed("parquet write", writer.write, pa.Table.from_pylist(rows, OUTPUT_SCHEMA))
-    return {"load_s": load_s, "total_s": clock() - start, "split": split, "n": len(units)}
+    end = clock()
+    return {"load_s": load_s, "ready_s": end - start, "steady_s": end - first_encode, "split": split,
+            "n": len(units)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,7 +194,7 @@ def start_ray(cpus: int) -> float:
 
 def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int], batch_size: int,
             encoders: int, threads: int | None) -> dict:
-    """run_precompute, timed; steady state = from all encoder actors ready to the end of the last write."""
+    """run_precompute, timed; steady state = from the first encoder task's start to the end of the last write."""
     import ray
 
     from pipelines.configs import PrecomputeConfig
@@ -205,7 +212,9 @@ def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int]
     spans = {op: [(b, e) for b, e in sp if b >= wall0] for op, sp in job_timeline(ray.timeline()).items()}
     inits = [end for op, s in spans.items() if op.endswith("(EncodeStage)).__init__") for _, end in s]
     ready, last_write = max(inits), max(end for _, end in spans["Write"])
-    return {"total_s": total_s, "startup_s": ready - wall0, "steady_s": last_write - ready,
+    first_encode = min(b for op, s in spans.items() if "EncodeStage" in op and op.endswith(".submit") for b, _ in s)
+    return {"total_s": total_s, "startup_s": ready - wall0, "ready_s": last_write - ready,
+            "steady_s": last_write - first_encode,
             "finish_s": wall0 + total_s - last_write, "spans": spans, "summary": summary}
 
 
@@ -361,23 +370,31 @@ def throughput(args, tmp: Path) -> None:
                     jobs[encoders][-1]["cpu"] = sampler.stop()
             finally:
                 ray.shutdown()
-        print(f"round {r + 1}/{args.rounds}: loop {per_round / loops[-1]['total_s']:.3f} images/s, " + ", ".join(
-            f"job {e} enc {per_round / j[-1]['steady_s']:.3f}" for e, j in jobs.items()) + " (steady)", flush=True)
+        print(f"round {r + 1}/{args.rounds} (steady): loop {per_round / loops[-1]['steady_s']:.3f} images/s, " +
+              ", ".join(f"job {e} enc {per_round / j[-1]['steady_s']:.3f}" for e, j in jobs.items()), flush=True)
 
-    loop_s = sum(x["total_s"] for x in loops)
-    loop_rate = n / loop_s
     print(f"\n=== precompute throughput: N = {n} images, res {args.res}, batch {args.batch_size}, "
           f"{args.vae_width} VAE, {args.cpus} CPUs; Parquet writing INCLUDED in both ===")
-    print("steady state = images / time from 'VAE loaded' to the end of the last Parquet write, summed over rounds. "
-          "Excluded: ray.init; the job's start-up until all its encoder actors have loaded the VAE (from "
-          "ray.timeline()); the loop's model load")
-    print(f"  plain loop, torch threads {torch.get_num_threads()}  : {loop_rate:6.3f} images/s  ({loop_s:.1f} s)")
+    for window, title in (("steady_s", "steady state: images / time from the first VAE encode call to the end of "
+                           "the last Parquet write (pipeline fill excluded)"),
+                          ("ready_s", "from 'VAE loaded': images / time from the (last) VAE load to the end of the "
+                           "last Parquet write (adds the first batch's read and decode)")):
+        loop_s = sum(x[window] for x in loops)
+        loop_rate = n / loop_s
+        print(f"{title}, summed over rounds; ray.init excluded")
+        print(f"  plain loop, torch threads {torch.get_num_threads()}  : {loop_rate:6.3f} images/s  ({loop_s:.1f} s)")
+        for encoders, runs in jobs.items():
+            job_s = sum(j[window] for j in runs)
+            threads = args.threads or max(1, (os.cpu_count() or 1) // encoders)
+            print(f"  ray job, {encoders} encoder(s) x {threads} thread(s): {n / job_s:6.3f} images/s  ({job_s:.1f} s)"
+                  f"   ratio ray/loop = {(n / job_s) / loop_rate:.3f}  (per round: " + ", ".join(
+                      f"{x[window] / j[window]:.2f}" for x, j in zip(loops, runs)) + ")")
     for encoders, runs in jobs.items():
+        busy = sum(e - b for j in runs for op, s in j["spans"].items() if "EncodeStage" in op and op.endswith(".submit")
+                   for b, e in s) / encoders
         steady = sum(j["steady_s"] for j in runs)
-        threads = args.threads or max(1, (os.cpu_count() or 1) // encoders)
-        print(f"  ray job, {encoders} encoder(s) x {threads} thread(s): {n / steady:6.3f} images/s  ({steady:.1f} s)   "
-              f"ratio ray/loop = {(n / steady) / loop_rate:.3f}  (per round: " + ", ".join(
-                  f"{x['total_s'] / j['steady_s']:.2f}" for x, j in zip(loops, runs)) + ")")
+        print(f"  ray job, {encoders} enc: encoder tasks fill {busy / steady:.1%} of the steady window per encoder "
+              f"(the rest: an encoder waiting for a batch, or the last write)")
     print(f"  start-up (excluded): ray.init {' / '.join(f'{s:.1f}' for s in inits)} s; loop model load "
           + " / ".join(f"{x['load_s']:.2f}" for x in loops) + " s; job start -> encoder ready (planning, worker "
           "start, imports, VAE load): " + "; ".join(f"{e} enc " + " / ".join(f"{j['startup_s']:.1f}" for j in runs)
@@ -456,7 +473,7 @@ def main() -> None:
                     "(one file per batch); memory: default 16 (the job's defaults)")
     ap.add_argument("--vae-width", choices=list(VAE_WIDTHS), default=None, help="default: sdxl (memory: tiny)")
     ap.add_argument("--encoders", type=int, nargs="+", default=[1, os.cpu_count()],
-                    help="job: VAE actors, one job run per value (default: 1, the job's default, and one per core)")
+                    help="job: VAE actors, one job run per value (default: 1, and one per core: the job's default)")
     ap.add_argument("--threads", type=int, default=None, help="job: torch threads per encoder (default: its own)")
     ap.add_argument("--cpus", type=int, default=os.cpu_count(), help="num_cpus of the local Ray cluster")
     ap.add_argument("--ray-niceness", type=int, default=0,

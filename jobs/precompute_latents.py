@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
     ap.add_argument("--no-std", dest="store_std", action="store_const", const=False,
                     help="do not store the posterior std (training then uses the mean)")
     ap.add_argument("--batch-size", type=int, help="images per VAE batch")
-    ap.add_argument("--encoders", type=int, help="VAE actors (default: one per GPU, or one without GPUs)")
+    ap.add_argument("--encoders", type=int, help="VAE actors (default: one per GPU, or one per CPU without GPUs)")
     ap.add_argument("--gpus-per-encoder", type=float, help="default: 1 when the cluster has GPUs, else 0")
     ap.add_argument("--threads-per-encoder", type=int, help="torch threads per CPU encoder")
     ap.add_argument("--rows-per-file", type=int)

@@ -62,7 +62,7 @@ class PrecomputeConfig(StrictModel):
     max_pixels: int = Field(100_000_000, ge=1)  # larger images are rejected as decompression bombs
     store_std: bool = True  # keep the posterior std to resample latents every epoch
     batch_size: int = Field(16, ge=1)  # images per VAE batch
-    encoders: int | None = Field(None, ge=1)  # VAE actors; None: one per GPU, or one without GPUs
+    encoders: int | None = Field(None, ge=1)  # VAE actors; None: one per GPU, or one per CPU without GPUs
     gpus_per_encoder: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     threads_per_encoder: int | None = Field(None, ge=1)  # torch threads on CPU; None: cores / encoders
     rows_per_file: int = Field(256, ge=1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ import pyarrow as pa
 import ray
 from ray.data.block import BlockAccessor
 
+from .cluster import cpu_threads
 from .configs import PrecomputeConfig
 from .images import ImageError, TransformSpec, decode_image, resize_for_resolution, thumbnail
 from .latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, build_manifest, check_manifest, count_rows,
@@ -129,7 +129,7 @@ class EncodeStage:
         from hdm_model import LatentVAE
 
         if not use_gpu:  # Ray pins workers to one thread; the encoder may use its share of the node's cores
-            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // actors))
+            torch.set_num_threads(cpu_threads(actors, threads))
         self.torch = torch
         self.device = "cuda" if use_gpu else "cpu"
         self.vae = LatentVAE.from_pretrained(vae, device=self.device, chunk_size=batch_size)
@@ -279,20 +279,29 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     gpus = config.gpus_per_encoder
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    # one encoder per GPU; on CPU one, using every core (benchmarks/bench_precompute.py --n 32, SDXL-size VAE,
-    # idle 2-core machine: 1 encoder x 2 threads 0.89x the plain loop, 2 encoders x 1 thread 0.76x)
-    actors = config.encoders or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus else 1)
-    cpus = 1.0  # unlike the tasks' 0.5: no fusion
+    # one encoder per GPU; on CPU one per core with one torch thread each (benchmarks/bench_precompute.py, SDXL-size
+    # VAE, idle 2-core machine, three runs: 2 x 1 thread 0.90 / 0.92 / 0.93x the plain loop, 1 x 2 threads 0.83 /
+    # 0.95 / 0.86x; the 2-thread encoder loses more to the CPU Ray's own processes take during the job)
+    cpu_captioners = config.caption.actors if captioning and not config.caption.gpus_per_actor else 0
+    actors = config.encoders or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus
+                                 else max(1, int(resources.get("CPU", 1.0)) - cpu_captioners))
+    cpus, in_flight = 1.0, None  # unlike the tasks' 0.5: no fusion
     if not gpus:  # CPU encoders use their share of the cores (torch threads) whatever they ask for: ask for less
-        # than a CPU each where needed, so that one encoder per core still leaves a read/decode/write task room to run
-        spare = resources.get("CPU", 1.0) - 0.5 - (0.5 * config.caption.actors if captioning else 0)
+        # than a CPU each where needed, so that one encoder per core still leaves a read/decode task and a write
+        # task room to run beside them (when the request equals the tasks' 0.5, Ray Data fuses read and decode
+        # into the encoder: fine on CPU, where they would only share its cores)
+        spare = resources.get("CPU", 1.0) - 1.0 - (0.5 * config.caption.actors if captioning else 0)
         cpus = min(1.0, max(spare, 0.1) / actors)
+        # a CPU encoder takes seconds a batch: queue at most one batch behind the running one, so that the last
+        # batches go to whichever encoder is free rather than wait in another's queue
+        in_flight = 2
     return ds.map_batches(EncodeStage, fn_constructor_kwargs=dict(vae=config.vae, use_gpu=gpus > 0,
                                                                  threads=config.threads_per_encoder,
                                                                  actors=actors,
                                                                  batch_size=config.batch_size,
                                                                  store_std=config.store_std),
-                          compute=ray.data.ActorPoolStrategy(size=actors), batch_size=config.batch_size,
+                          compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
+                          batch_size=config.batch_size,
                           batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus)
 
 
