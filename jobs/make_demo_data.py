@@ -29,13 +29,15 @@ def parse_args(argv: list[str] | None = None) -> DemoDataConfig:
     ap.add_argument("--seed", type=int, help="the same seed writes the same files (default 0)")
     ap.add_argument("--holdout", type=int,
                     help="(shape, background) combinations held out of training per color (default 1)")
+    ap.add_argument("--spread", type=float,
+                    help="how far from the centre a shape may sit: 0 centred, 1 anywhere in the image (default 0.3)")
     return config_from_flags(DemoDataConfig, vars(ap.parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
     def run(config: DemoDataConfig):
         return write_demo_data(config.out, count=config.count, size=config.size, seed=config.seed,
-                               holdout=config.holdout)
+                               holdout=config.holdout, spread=config.spread)
 
     return job_main("make_demo_data", lambda: parse_args(argv), run, refusals=(ValueError,), init_ray=False)
 

@@ -44,6 +44,23 @@ def test_same_seed_same_bytes(demo, tmp_path):
     assert (tmp_path / "heldout.txt").read_text() == (out / "heldout.txt").read_text()
 
 
+def test_spread_sets_how_far_from_the_centre_a_shape_sits():
+    def offsets(spread):  # the shape's bounding-box centre minus the image's, px, over 60 images
+        rng = np.random.default_rng(0)
+        out = []
+        for scene in all_scenes()[:60]:
+            mask = np.abs(np.asarray(render(scene, 64, rng, spread), np.int16)
+                          - np.asarray(BACKGROUNDS[scene.background])).max(-1) > 60
+            rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+            out.append(max(abs((rows[0] + rows[-1]) / 2 - 31.5), abs((cols[0] + cols[-1]) / 2 - 31.5)))
+        return np.array(out)
+
+    assert offsets(0.0).max() <= 1.0
+    assert offsets(0.3).max() <= 0.3 * (64 - 4 - 32) / 2 + 1 < offsets(1.0).max()
+    with pytest.raises(ValueError, match="spread"):
+        write_demo_data(".", count=1, spread=1.5)
+
+
 def test_split_and_captions_refuse_what_they_cannot_honour():
     train, held = split_scenes(0, seed=0)
     assert held == [] and train == all_scenes()
