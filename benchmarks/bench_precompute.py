@@ -100,6 +100,11 @@ def make_images(directory: Path, n: int, *, short=(300, 900), long_max=1200, see
     return mpx / max(n, 1)
 
 
+def encode_spans(spans: dict[str, list[tuple[float, float]]]) -> list[tuple[float, float]]:
+    """The encoder actors' batch calls (read and decode fused into them or not) among a job's task spans."""
+    return [span for op, s in spans.items() if "EncodeStage" in op and op.endswith(".submit") for span in s]
+
+
 def job_timeline(events: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """(start, end) epoch seconds of each task of the job's operators, from `ray.timeline()` (cat 'task::OP')."""
     spans: dict[str, list[tuple[float, float]]] = {}
@@ -212,7 +217,7 @@ def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int]
     spans = {op: [(b, e) for b, e in sp if b >= wall0] for op, sp in job_timeline(ray.timeline()).items()}
     inits = [end for op, s in spans.items() if op.endswith("(EncodeStage)).__init__") for _, end in s]
     ready, last_write = max(inits), max(end for _, end in spans["Write"])
-    first_encode = min(b for op, s in spans.items() if "EncodeStage" in op and op.endswith(".submit") for b, _ in s)
+    first_encode = min(b for b, _ in encode_spans(spans))
     return {"total_s": total_s, "startup_s": ready - wall0, "ready_s": last_write - ready,
             "steady_s": last_write - first_encode,
             "finish_s": wall0 + total_s - last_write, "spans": spans, "summary": summary}
@@ -340,6 +345,8 @@ def throughput(args, tmp: Path) -> None:
     import ray
     import torch
 
+    from pipelines.cluster import cpu_threads
+
     t = time.perf_counter()
     vae_dir = make_vae(tmp / "vae", args.vae_width)
     per_round = args.n // args.rounds
@@ -385,13 +392,12 @@ def throughput(args, tmp: Path) -> None:
         print(f"  plain loop, torch threads {torch.get_num_threads()}  : {loop_rate:6.3f} images/s  ({loop_s:.1f} s)")
         for encoders, runs in jobs.items():
             job_s = sum(j[window] for j in runs)
-            threads = args.threads or max(1, (os.cpu_count() or 1) // encoders)
+            threads = cpu_threads(encoders, args.threads)
             print(f"  ray job, {encoders} encoder(s) x {threads} thread(s): {n / job_s:6.3f} images/s  ({job_s:.1f} s)"
                   f"   ratio ray/loop = {(n / job_s) / loop_rate:.3f}  (per round: " + ", ".join(
                       f"{x[window] / j[window]:.2f}" for x, j in zip(loops, runs)) + ")")
     for encoders, runs in jobs.items():
-        busy = sum(e - b for j in runs for op, s in j["spans"].items() if "EncodeStage" in op and op.endswith(".submit")
-                   for b, e in s) / encoders
+        busy = sum(e - b for j in runs for b, e in encode_spans(j["spans"])) / encoders
         steady = sum(j["steady_s"] for j in runs)
         print(f"  ray job, {encoders} enc: encoder tasks fill {busy / steady:.1%} of the steady window per encoder "
               f"(the rest: an encoder waiting for a batch, or the last write)")

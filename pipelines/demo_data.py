@@ -1,8 +1,8 @@
 """Built-in demo data: captioned synthetic images of colored shapes, ingested by img2dataset like real data.
 
 Each image is one shape (circle, square, triangle) of one color at a random size and a random position near
-the centre (`spread`) on a plain background, captioned "a red circle on a white background". Shape colors are saturated and 60 degrees
-of hue apart; backgrounds are achromatic, so a shape's color never looks like a background
+the centre (`spread`) on a plain background, captioned "a red circle on a white background". Shape colors are
+saturated and 60 degrees of hue apart; backgrounds are achromatic, so a shape's color never looks like a background
 (`pipelines.adherence` relies on it). Some (color, shape, background) combinations never appear in the
 training images: their captions are the held-out prompts that test whether the model composes words it
 learned separately. Pure numpy + PIL, deterministic for a seed.
@@ -35,9 +35,9 @@ SHAPES = ("circle", "square", "triangle")
 JITTER = 12  # +- per channel on every color, so an image's exact colors vary
 SIDE = (0.5, 0.7)  # a shape's side as a share of the image's, drawn uniformly
 # The share of the free room around a shape that its position may use: 0 centred, 1 anywhere inside the image.
-# The demo's tiny model learns the three outlines in minutes near the centre (probes on the demo VAE's latents
-# at 64 px: sides 0.5-0.7 at spread 0.3 drew recognisable triangles, squares and circles after 1200 steps;
-# sides 0.4-0.7 anywhere drew blobs after 800).
+# Near the centre the demo's tiny model starts drawing outlines within minutes (probes on the demo VAE's
+# latents at 64 px: sides 0.5-0.7 at spread 0.3 drew recognisable triangles and squares after 1200 steps,
+# circles still lumpy; sides 0.4-0.7 anywhere drew blobs after 800).
 SPREAD = 0.3
 CAPTION = re.compile(r"^a (\w+) (\w+) on a (\w+) background$")
 
