@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> StageConfig:
     ap.add_argument("--grad-accum", type=int)
     ap.add_argument("--tread-rate", type=float, help="share of image tokens routed around the backbone")
     ap.add_argument("--ctx-length", type=int, help="text tokens per caption")
+    ap.add_argument("--text-cache-size", type=int, help="distinct captions whose text states are kept (default 0)")
     ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--caption-dropout", type=float, help="share of captions replaced by the null prompt")
     ap.add_argument("--ema-decay", type=float)

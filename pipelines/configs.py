@@ -240,6 +240,7 @@ class StageConfig(StrictModel):
     grad_accum: int = Field(ge=1)
     tread_rate: float = Field(ge=0, lt=1)
     ctx_length: int = Field(ge=1)  # text tokens (training pads every caption to this length)
+    text_cache_size: int = Field(0, ge=0)  # captions whose text states are kept (LRU): for repeating captions
     grad_checkpointing: bool
     attn_kernel: Literal["sdpa", "math"] = "sdpa"
     caption_dropout: float = Field(0.1, ge=0, le=1)  # share of captions replaced by the null prompt (CFG)

@@ -240,7 +240,8 @@ def train_loop(loop_config: dict) -> None:
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads(ctx.get_local_world_size()))
     torch.manual_seed(cfg.seed)
-    text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, max_length=cfg.ctx_length, device=device)
+    text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, max_length=cfg.ctx_length, device=device,
+                                               cache_size=cfg.text_cache_size)
     model = build_denoiser(cfg.model, ctx_dim=text_encoder.hidden_size, tread_rate=cfg.tread_rate,
                            grad_checkpointing=cfg.grad_checkpointing, attn_kernel=cfg.attn_kernel)
     resume = ray.train.get_checkpoint()

@@ -51,6 +51,28 @@ def test_text_encoder_is_frozen(text_encoder):
     assert not any(p.requires_grad for p in text_encoder.parameters())
 
 
+def test_cache_returns_the_uncached_states_and_encodes_only_misses(tmp_path):
+    path = make_tiny_text_encoder(tmp_path)
+    plain = TextEncoder.from_pretrained(str(path), max_length=12)
+    cached = TextEncoder.from_pretrained(str(path), max_length=12, cache_size=3)
+    rows = []
+    cached.model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    first = ["red square", "", "red square", "blue circle"]
+    torch.testing.assert_close(cached(first), plain(first), atol=1e-5, rtol=1e-5)
+    assert rows == [3]  # the distinct misses, once each
+    second = ["blue circle", "green triangle", ""]
+    torch.testing.assert_close(cached(second), plain(second), atol=1e-5, rtol=1e-5)
+    assert rows == [3, 1]
+    # LRU at 3 entries: "red square" (least recently used) went
+    assert list(cached._cache) == ["blue circle", "green triangle", ""]
+    cached(["red square"])
+    assert rows == [3, 1, 1]
+    # inference pads to the longest prompt of the batch: never cached
+    torch.testing.assert_close(cached(["red square"], padding="longest"), plain(["red square"], padding="longest"))
+    assert rows == [3, 1, 1, 1]
+
+
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_vae_normalisation(tmp_path, per_channel):
     path = make_tiny_vae(tmp_path / "vae", per_channel_stats=per_channel)
