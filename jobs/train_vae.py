@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--eval-images", type=int, help="held-out images for PSNR / equivariance error")
     ap.add_argument("--stats-images", type=int, help="images encoded for latents_mean / latents_std")
     ap.add_argument("--workers", type=int, help="Ray Train workers (DDP)")
+    ap.add_argument("--torch-threads", type=int, help="per CPU worker (default: its share of the cores, less one)")
     ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--seed", type=int)
     add_shared_flags(ap)

@@ -20,11 +20,18 @@ def scaling(workers: int | None, use_gpu: bool | None):
     return ScalingConfig(num_workers=n, use_gpu=gpu, resources_per_worker={"CPU": cpus})
 
 
-def cpu_threads(workers_on_node: int, threads: int | None = None) -> int:
-    """torch threads for one of `workers_on_node` CPU workers: `threads`, else its share of the node's cores.
-    Ray starts a worker with OMP_NUM_THREADS set to its CPU request (1, or less than 1 rounded up), so a lone
-    worker on a 2-core node would otherwise compute on one core and leave the other idle."""
-    return threads or max(1, (os.cpu_count() or 1) // max(1, workers_on_node))
+def cpu_threads(workers_on_node: int, threads: int | None = None, *, leave: int = 0) -> int:
+    """torch threads for one of `workers_on_node` CPU workers: `threads`, else its share of the node's cores
+    after `leave` of them. Ray starts a worker with OMP_NUM_THREADS set to its CPU request (1, or less than 1
+    rounded up), so a lone worker on a 2-core node would otherwise compute on one core and leave the other idle.
+    """
+    return threads or max(1, ((os.cpu_count() or 1) - leave) // max(1, workers_on_node))
+
+
+# Training workers leave one core to Ray's own processes and the dataset reader: in the demo's stages on 2 cores
+# (Ray jobs, one worker) one thread ran the VAE at 5.0 steps/s against 4.3 with two, the 64 px XUT at 172-184
+# samples/s against 134-187, although the bare step is 1.15-1.33x faster on two (benchmarks/bench_threads.py).
+TRAIN_LEAVE_CORES = 1
 
 
 def epoch_batches(shard, *, batch_size: int, shuffle_buffer: int, seed: int, **options):

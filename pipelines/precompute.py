@@ -256,6 +256,17 @@ def _by_code(reasons: Counter) -> Counter:
     return codes
 
 
+def default_encoders(resources: dict, gpus_per_encoder: float, *, cpu_captioners: int, blocks: int) -> int:
+    """One encoder per GPU, or on CPU one per core not taken by a captioner; never more than the input has
+    blocks (a shard is read as one block, which one encoder takes whole: the demo's single shard of 2000
+    images kept a second CPU encoder starting up for nothing)."""
+    if gpus_per_encoder:
+        wanted = int(resources.get("GPU", 0) // gpus_per_encoder)
+    else:
+        wanted = int(resources.get("CPU", 1.0)) - cpu_captioners
+    return max(1, min(wanted, blocks))
+
+
 def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, done: dict, spec: TransformSpec):
     ds = ray.data.from_items([dataclasses.asdict(u) for u in units])
     # a folder is read one encoder batch of files per task: each block then feeds one encoder call, so several
@@ -283,8 +294,8 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     # VAE, idle 2-core machine, three runs: 2 x 1 thread 0.90 / 0.92 / 0.93x the plain loop, 1 x 2 threads 0.83 /
     # 0.95 / 0.86x; the 2-thread encoder loses more to the CPU Ray's own processes take during the job)
     cpu_captioners = config.caption.actors if captioning and not config.caption.gpus_per_actor else 0
-    actors = config.encoders or (max(1, int(resources.get("GPU", 0) // gpus)) if gpus
-                                 else max(1, int(resources.get("CPU", 1.0)) - cpu_captioners))
+    blocks = len(units) if fmt != "folder" else -(-len(units) // config.batch_size)
+    actors = config.encoders or default_encoders(resources, gpus, cpu_captioners=cpu_captioners, blocks=blocks)
     cpus, in_flight = 1.0, None  # unlike the tasks' 0.5: no fusion
     if not gpus:  # CPU encoders use their share of the cores (torch threads) whatever they ask for: ask for less
         # than a CPU each where needed, so that one encoder per core still leaves a read/decode task and a write
@@ -305,4 +316,4 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
                           batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus)
 
 
-__all__ = ["run_precompute", "PrecomputeSummary", "ManifestMismatch"]
+__all__ = ["run_precompute", "PrecomputeSummary", "ManifestMismatch", "default_encoders"]

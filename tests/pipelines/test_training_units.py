@@ -24,6 +24,9 @@ def test_cpu_workers_share_the_node_cores_as_torch_threads(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert [cpu_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
     assert cpu_threads(2, threads=3) == 3  # an explicit count wins
+    assert [cpu_threads(n, leave=1) for n in (1, 2, 8)] == [7, 3, 1]  # training leaves a core to Ray
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cpu_threads(1, leave=1) == 1
 
 
 def test_ema_after_k_updates_is_the_closed_form():
