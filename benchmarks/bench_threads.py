@@ -1,8 +1,9 @@
 """Training steps on CPU with 1 torch thread vs all cores, side by side in one run.
 
 Why: Ray starts each worker with OMP_NUM_THREADS set to its CPU request, so a lone Ray Train worker on a
-2-core node computed on one core; `pipelines.cluster.cpu_threads` now gives every CPU worker its share of the
-node's cores. This measures what that buys for the steps the demo runs, without Ray (the step alone):
+2-core node computed on one core; `pipelines.cluster.cpu_threads` gives every CPU worker its share of the
+node's cores (training workers: after one core left to Ray, since inside Ray jobs on 2 cores one thread beat two
+although the bare step is faster on two). This measures the bare step for the steps the demo runs, without Ray:
 
 - `xut64` / `xut32`: a flow-matching step of the `tiny` XUT, batch 32 (the demo's), 12 context tokens of 384
   (all-MiniLM-L6-v2's width; random here: the text encoder is not part of the step), at 64 / 32 px;
