@@ -290,9 +290,9 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     gpus = config.gpus_per_encoder
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    # one encoder per GPU; on CPU one per core with one torch thread each (benchmarks/bench_precompute.py, SDXL-size
-    # VAE, idle 2-core machine, three runs: 2 x 1 thread 0.90 / 0.92 / 0.93x the plain loop, 1 x 2 threads 0.83 /
-    # 0.95 / 0.86x; the 2-thread encoder loses more to the CPU Ray's own processes take during the job)
+    # one encoder per GPU; on CPU one per core with one torch thread each (benchmarks/bench_precompute.py, idle 2-core
+    # machine; SDXL-size VAE, four runs: 2 x 1 thread 0.90 / 0.92 / 0.93 / 0.87x the plain loop, 1 x 2 threads 0.83 /
+    # 0.95 / 0.86x; small VAE: 1.02x against 0.85x; the 2-thread encoder loses more to Ray's own processes)
     cpu_captioners = config.caption.actors if captioning and not config.caption.gpus_per_actor else 0
     blocks = len(units) if fmt != "folder" else -(-len(units) // config.batch_size)
     actors = config.encoders or default_encoders(resources, gpus, cpu_captioners=cpu_captioners, blocks=blocks)
