@@ -31,7 +31,16 @@ def cpu_threads(workers_on_node: int, threads: int | None = None, *, leave: int 
 # Training workers leave one core to Ray's own processes and the dataset reader: in the demo's stages on 2 cores
 # (Ray jobs, one worker) one thread ran the VAE at 5.0 steps/s against 4.3 with two, the 64 px XUT at 172-184
 # samples/s against 134-187, although the bare step is 1.15-1.33x faster on two (benchmarks/bench_threads.py).
-TRAIN_LEAVE_CORES = 1
+_TRAIN_LEAVE_CORES = 1
+
+
+def set_train_threads(device, workers_on_node: int, threads: int | None) -> None:
+    """torch threads of a Ray Train worker on CPU (`threads`, else `cpu_threads` after one core left to Ray);
+    GPU workers keep Ray's setting."""
+    if device.type == "cpu":
+        import torch
+
+        torch.set_num_threads(cpu_threads(workers_on_node, threads, leave=_TRAIN_LEAVE_CORES))
 
 
 def epoch_batches(shard, *, batch_size: int, shuffle_buffer: int, seed: int, **options):

@@ -162,7 +162,7 @@ class VAETrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     workers: int | None = Field(None, ge=1)  # default: 4 when the cluster has GPUs, else 2
     use_gpu: bool | None = None  # None: when the cluster has GPUs
-    torch_threads: int | None = Field(None, ge=1)  # CPU workers; None: the node's cores / workers on it
+    torch_threads: int | None = Field(None, ge=1)  # CPU workers; None: (node's cores - 1) / workers on it
     seed: int = 0
     max_pixels: int = Field(100_000_000, ge=1)
     tracking: TrackingOptions = TrackingOptions()
@@ -252,7 +252,7 @@ class StageConfig(StrictModel):
     sample: SampleOptions = SampleOptions()
     workers: int | None = Field(None, ge=1)  # default: 4 when the cluster has GPUs, else 2
     use_gpu: bool | None = None  # default: when the cluster has GPUs
-    torch_threads: int | None = Field(None, ge=1)  # CPU workers; None: the node's cores / workers on it
+    torch_threads: int | None = Field(None, ge=1)  # CPU workers; None: (node's cores - 1) / workers on it
     max_failures: int = Field(2, ge=0)
     seed: int = 20090220  # HDM's seed
     tracking: TrackingOptions = TrackingOptions()

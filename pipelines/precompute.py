@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -294,7 +295,7 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     # machine; SDXL-size VAE, four runs: 2 x 1 thread 0.90 / 0.92 / 0.93 / 0.87x the plain loop, 1 x 2 threads 0.83 /
     # 0.95 / 0.86x; small VAE: 1.02x against 0.85x; the 2-thread encoder loses more to Ray's own processes)
     cpu_captioners = config.caption.actors if captioning and not config.caption.gpus_per_actor else 0
-    blocks = len(units) if fmt != "folder" else -(-len(units) // config.batch_size)
+    blocks = len(units) if fmt != "folder" else math.ceil(len(units) / config.batch_size)
     actors = config.encoders or default_encoders(resources, gpus, cpu_captioners=cpu_captioners, blocks=blocks)
     cpus, in_flight = 1.0, None  # unlike the tasks' 0.5: no fusion
     if not gpus:  # CPU encoders use their share of the cores (torch threads) whatever they ask for: ask for less

@@ -28,7 +28,7 @@ import torch
 
 from hdm_model.pipeline import EMA_WEIGHTS_NAME
 
-from .cluster import TRAIN_LEAVE_CORES, cpu_threads, epoch_batches, scaling
+from .cluster import epoch_batches, scaling, set_train_threads
 from .configs import S3Options, StageConfig
 from .latent_store import read_manifest, res_dir
 from .secrets import redact
@@ -237,8 +237,7 @@ def train_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(ctx.get_local_world_size(), cfg.torch_threads, leave=TRAIN_LEAVE_CORES))
+    set_train_threads(device, ctx.get_local_world_size(), cfg.torch_threads)
     torch.manual_seed(cfg.seed)
     text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, max_length=cfg.ctx_length, device=device,
                                                cache_size=cfg.text_cache_size)

@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
-from .cluster import TRAIN_LEAVE_CORES, cpu_threads, epoch_batches, scaling
+from .cluster import epoch_batches, scaling, set_train_threads
 from .configs import VAETrainConfig
 from .images import TransformSpec
 from .precompute import PrepareStage, ReadStage
@@ -135,8 +135,7 @@ def train_loop(loop_config: dict) -> None:
     objective = ray.train.torch.prepare_model(EQObjective(vae, eq, cfg.train != "decoder"))
     vae = objective.module.vae if isinstance(objective, DistributedDataParallel) else objective.vae
     device = next(vae.parameters()).device
-    if device.type == "cpu":
-        torch.set_num_threads(cpu_threads(ctx.get_local_world_size(), cfg.torch_threads, leave=TRAIN_LEAVE_CORES))
+    set_train_threads(device, ctx.get_local_world_size(), cfg.torch_threads)
     params = [p for p in vae.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     run = StageRun.attach(tracking_uri=loop_config["tracking_uri"], run_id=loop_config["run_id"]) if rank == 0 \

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from hdm_model import build_denoiser, build_optimizer, warmup_cosine_schedule
-from pipelines.cluster import cpu_threads
+from pipelines.cluster import cpu_threads, set_train_threads
 from pipelines.configs import StageConfig
 from pipelines.training import EMA, EMA_NAME, END_OF_EPOCH, BatchPrefetcher, _restore, save_checkpoint
 
@@ -27,6 +27,14 @@ def test_cpu_workers_share_the_node_cores_as_torch_threads(monkeypatch):
     assert [cpu_threads(n, leave=1) for n in (1, 2, 8)] == [7, 3, 1]  # training leaves a core to Ray
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     assert cpu_threads(1, leave=1) == 1
+    before = torch.get_num_threads()
+    try:
+        set_train_threads(torch.device("cpu"), 1, None)
+        assert torch.get_num_threads() == 1
+        set_train_threads(torch.device("cpu"), 1, 2)  # torch_threads wins
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_ema_after_k_updates_is_the_closed_form():
