@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
     ap.add_argument("--batch-size", type=int, help="images per VAE batch")
     ap.add_argument("--encoders", type=int, help="VAE actors (default: one per GPU, or one per CPU without GPUs)")
     ap.add_argument("--gpus-per-encoder", type=float, help="default: 1 when the cluster has GPUs, else 0")
-    ap.add_argument("--threads-per-encoder", type=int, help="torch threads per CPU encoder")
+    ap.add_argument("--threads-per-encoder", type=int,
+                    help="torch threads per CPU encoder (default: the cores the rest of the node leaves idle)")
     ap.add_argument("--rows-per-file", type=int)
     ap.add_argument("--limit", type=int, help="process at most this many inputs")
     ap.add_argument("--caption-mode", choices=["keep", "model"], help="keep the input's captions or run a model")

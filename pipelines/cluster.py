@@ -1,8 +1,12 @@
-"""Ray Train worker groups: sizing them against the cluster they run on, and how a worker reads its shard."""
+"""Sizing work against the node it runs on (Ray Train worker groups, torch threads of CPU workers), and how a
+training worker reads its shard."""
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import ray
 
@@ -26,6 +30,42 @@ def cpu_threads(workers_on_node: int, threads: int | None = None, *, leave: int 
     rounded up), so a lone worker on a 2-core node would otherwise compute on one core and leave the other idle.
     """
     return threads or max(1, ((os.cpu_count() or 1) - leave) // max(1, workers_on_node))
+
+
+def cpu_marks() -> tuple[float, float, float] | None:
+    """(monotonic seconds, CPU-seconds the whole node has been busy, CPU-seconds of this process), or None where
+    /proc/stat is missing (not Linux)."""
+    try:
+        fields = Path("/proc/stat").read_text().split(maxsplit=9)[1:9]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields)
+    busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic(), busy, time.process_time()
+
+
+class CoreShare:
+    """torch threads for one of several CPU workers sharing a node, chosen anew before each piece of work: the
+    cores that the rest of the node left idle since the last choice (this process's own CPU time discounted),
+    rounded, between 1 and the node's cores. N busy encoders settle at about cores / N threads each; one left
+    alone (the others out of work at the end of a job, or waiting for input) takes the idle cores instead of
+    finishing on its share, and gives them back once the others are busy again. Other people's load on the
+    node counts as busy. Before the first choice, and where /proc/stat is unreadable: `start`."""
+
+    def __init__(self, start: int, *, marks: Callable[[], tuple[float, float, float] | None] = cpu_marks,
+                 cores: int | None = None, min_interval_s: float = 1.0):
+        self.threads, self.cores = start, cores or os.cpu_count() or 1
+        self.marks, self.min_interval_s = marks, min_interval_s
+        self.last = marks()
+
+    def update(self) -> int:
+        now = self.marks()
+        if now is None or self.last is None or now[0] - self.last[0] < self.min_interval_s:
+            return self.threads  # too short a window to tell: keep the count
+        wall, busy, mine = (a - b for a, b in zip(now, self.last))
+        idle = self.cores - max(0.0, busy - mine) / wall
+        self.threads, self.last = min(self.cores, max(1, int(idle + 0.5))), now
+        return self.threads
 
 
 # Training workers leave one core to Ray's own processes and the dataset reader: in the demo's stages on 2 cores

@@ -64,7 +64,7 @@ class PrecomputeConfig(StrictModel):
     batch_size: int = Field(16, ge=1)  # images per VAE batch
     encoders: int | None = Field(None, ge=1)  # VAE actors; None: one per GPU, or one per CPU without GPUs
     gpus_per_encoder: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
-    threads_per_encoder: int | None = Field(None, ge=1)  # torch threads on CPU; None: cores / encoders
+    threads_per_encoder: int | None = Field(None, ge=1)  # torch threads on CPU; None: the idle cores (CoreShare)
     rows_per_file: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1)  # process at most this many inputs (after resume filtering)
     caption: CaptionOptions = CaptionOptions()

@@ -19,7 +19,7 @@ import pyarrow as pa
 import ray
 from ray.data.block import BlockAccessor
 
-from .cluster import cpu_threads
+from .cluster import CoreShare, cpu_threads
 from .configs import PrecomputeConfig
 from .images import ImageError, TransformSpec, decode_image, resize_for_resolution, thumbnail
 from .latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, build_manifest, check_manifest, count_rows,
@@ -129,8 +129,12 @@ class EncodeStage:
 
         from hdm_model import LatentVAE
 
-        if not use_gpu:  # Ray pins workers to one thread; the encoder may use its share of the node's cores
+        # Ray pins workers to one thread; a CPU encoder takes `threads`, else its share of the node's cores to
+        # start with, then before each group the cores the rest of the node leaves idle (CoreShare)
+        self.share = None
+        if not use_gpu:
             torch.set_num_threads(cpu_threads(actors, threads))
+            self.share = CoreShare(torch.get_num_threads()) if threads is None else None
         self.torch = torch
         self.device = "cuda" if use_gpu else "cpu"
         self.vae = LatentVAE.from_pretrained(vae, device=self.device, chunk_size=batch_size)
@@ -148,6 +152,8 @@ class EncodeStage:
         for job in jobs:
             by_size.setdefault(job[2].shape[:2], []).append(job)
         for (h, w), group in by_size.items():
+            if self.share:
+                self.torch.set_num_threads(self.share.update())
             images = self.torch.from_numpy(np.stack([j[2] for j in group])).to(self.device)
             images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
             mean, std = self.vae.encode(images)
@@ -257,6 +263,13 @@ def _by_code(reasons: Counter) -> Counter:
     return codes
 
 
+# CPU encoders: torch's allocator takes 2 MiB-aligned transparent huge pages for large tensors. A VAE encode
+# allocates and frees activations of tens of MB per layer; glibc hands them back to the kernel and every reuse
+# faults them in again 4 KiB at a time: SDXL-size VAE, 256 px, one thread, 4 images: 0.97M page faults and 3.1 s
+# of 25.6 s in the kernel; with it 57k and 1.7 s; two such processes side by side, twice: 7% faster
+CPU_ENCODER_ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
+
+
 def default_encoders(resources: dict, gpus_per_encoder: float, *, cpu_captioners: int, blocks: int) -> int:
     """One encoder per GPU, or on CPU one per core not taken by a captioner; never more than the input has
     blocks (a shard is read as one block, which one encoder takes whole: the demo's single shard of 2000
@@ -269,16 +282,23 @@ def default_encoders(resources: dict, gpus_per_encoder: float, *, cpu_captioners
 
 
 def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, done: dict, spec: TransformSpec):
+    resources = ray.cluster_resources()
+    gpus = config.gpus_per_encoder
+    if gpus is None:
+        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
+    # CPU encoders' environment; read and decode get it too, so that Ray Data can still fuse them into the encoder
+    runtime_env = None if gpus else {"env_vars": CPU_ENCODER_ENV}
     ds = ray.data.from_items([dataclasses.asdict(u) for u in units])
     # a folder is read one encoder batch of files per task: each block then feeds one encoder call, so several
     # encoders share the work evenly (16 files per block left all of a small job to one encoder)
     ds = ds.map_batches(ReadStage(fs, config.resolutions, ray.put(done)), batch_format="pyarrow",
-                        batch_size=1 if fmt != "folder" else config.batch_size, num_cpus=0.5)
+                        batch_size=1 if fmt != "folder" else config.batch_size, num_cpus=0.5,
+                        runtime_env=runtime_env)
     if config.limit is not None:
         ds = ds.limit(config.limit)
     captioning = config.caption.mode == "model"
     ds = ds.map_batches(PrepareStage(spec, config.max_pixels, want_thumbnail=captioning), batch_format="pyarrow",
-                        batch_size=4, num_cpus=0.5)
+                        batch_size=4, num_cpus=0.5, runtime_env=runtime_env)
     if captioning:
         cap = config.caption
         cap_gpu = cap.gpus_per_actor > 0
@@ -287,13 +307,10 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
                                                                      use_gpu=cap_gpu),
                             compute=ray.data.ActorPoolStrategy(size=cap.actors), batch_size=cap.batch_size,
                             batch_format="pyarrow", num_gpus=cap.gpus_per_actor or None, num_cpus=0.5)
-    resources = ray.cluster_resources()
-    gpus = config.gpus_per_encoder
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    # one encoder per GPU; on CPU one per core with one torch thread each (benchmarks/bench_precompute.py, idle 2-core
-    # machine; SDXL-size VAE, four runs: 2 x 1 thread 0.90 / 0.92 / 0.93 / 0.87x the plain loop, 1 x 2 threads 0.83 /
-    # 0.95 / 0.86x; small VAE: 1.02x against 0.85x; the 2-thread encoder loses more to Ray's own processes)
+    # one encoder per GPU; on CPU one per core, one torch thread each while all are busy
+    # (benchmarks/bench_precompute.py, idle 2-core machine, SDXL-size VAE: two 1-thread processes side by side
+    # encoded 16 images in 100 core-seconds, one process on 2 threads in 109, so 2 x 1 thread wins even after
+    # the ~0.1-0.2 core of Ray's own processes; 1 x 2 threads ran 0.83 / 0.95 / 0.86x the plain loop)
     cpu_captioners = config.caption.actors if captioning and not config.caption.gpus_per_actor else 0
     blocks = len(units) if fmt != "folder" else math.ceil(len(units) / config.batch_size)
     actors = config.encoders or default_encoders(resources, gpus, cpu_captioners=cpu_captioners, blocks=blocks)
@@ -304,9 +321,9 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
         # into the encoder: fine on CPU, where they would only share its cores)
         spare = resources.get("CPU", 1.0) - 1.0 - (0.5 * config.caption.actors if captioning else 0)
         cpus = min(1.0, max(spare, 0.1) / actors)
-        # a CPU encoder takes seconds a batch: queue at most one batch behind the running one, so that the last
+        # a CPU encoder takes seconds a batch: give it the next one only when it is free, so that the last
         # batches go to whichever encoder is free rather than wait in another's queue
-        in_flight = 2
+        in_flight = 1
     return ds.map_batches(EncodeStage, fn_constructor_kwargs=dict(vae=config.vae, use_gpu=gpus > 0,
                                                                  threads=config.threads_per_encoder,
                                                                  actors=actors,
@@ -314,7 +331,7 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
                                                                  store_std=config.store_std),
                           compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
                           batch_size=config.batch_size,
-                          batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus)
+                          batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus, runtime_env=runtime_env)
 
 
 __all__ = ["run_precompute", "PrecomputeSummary", "ManifestMismatch", "default_encoders"]
