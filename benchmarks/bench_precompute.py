@@ -10,15 +10,17 @@ per resolution, `LatentVAE.encode` (mean and std) of the images of one batch gro
 `EncodeStage` groups them, fp16 conversion, output rows, and the Parquet write (`LatentWriter`): writing is
 INCLUDED in both, one file per batch (the job gets rows_per_file = batch_size).
 
-Throughput method: steady state = all N images over the time from the start of the first VAE encode call to the
-end of the last Parquet write, in both: the loop's clock, the job's `ray.timeline()` (its first encoder task to
-its last Write task). Every image's encode falls inside that window; what it leaves out is pipeline fill, in
-the loop reading and decoding the first batch (~50 ms), in the job its planning, worker start-up, imports,
-the VAE load and the first batch's read and decode. Ray Data is told to start processing only once all
-encoders are up (`DataContext.wait_for_min_actors_s`), so no encoder starts late. Also printed: the rate
-from "VAE loaded" (the loop: after `LatentVAE.from_pretrained`; the job: its last encoder actor's constructor),
-which adds the first batch's read and decode (in the job, in a freshly started worker) to the window, and
-the whole `run_precompute` call.
+Throughput method. Steady state: in the loop, all N images over the time from the start of the first VAE encode
+call to the end of the last Parquet write (one process: nothing to fill or drain but the first batch's read and
+decode, ~50 ms, left out); in the job, from `ray.timeline()`, the images encoded in the window in which every
+encoder worked (from the start of its last encoder's first batch to the end of its first encoder's last batch;
+a batch across an edge counts the fraction of it inside), over that window. Ray Data is told to start processing
+only once all encoders are up (`DataContext.wait_for_min_actors_s`), so no encoder starts late. Also printed: the
+job "with the drain", all N images from its first encoder task to its last Write (the last batches run while
+other encoders have run out of work: a cost of ~one batch per job, large in these short rounds, small in a long
+job), the rate from "VAE loaded" (the loop: after `LatentVAE.from_pretrained`; the job: its last encoder actor's
+constructor), which adds the first batch's read and decode (in the job, in a freshly started worker), and the
+whole `run_precompute` call.
 `ray.init` (cluster start) is timed apart and excluded. The job runs once per `--encoders` value (default: 1,
 one per core, the job's default on CPU; each with cores/encoders torch threads) on a local cluster started by this
 script with `--cpus` CPUs. The N images are split over `--rounds` rounds (default 2); in each the loop and the
@@ -103,6 +105,18 @@ def make_images(directory: Path, n: int, *, short=(300, 900), long_max=1200, see
 def encode_spans(spans: dict[str, list[tuple[float, float]]]) -> list[tuple[float, float]]:
     """The encoder actors' batch calls (read and decode fused into them or not) among a job's task spans."""
     return [span for op, s in spans.items() if "EncodeStage" in op and op.endswith(".submit") for span in s]
+
+
+def all_busy(tasks: list[tuple[str, float, float]], images: int) -> tuple[float, float]:
+    """(images, seconds) of the window in which every encoder worked: from the last encoder's first task start
+    to the first encoder's last task end. `tasks` are (worker, start, end); each task counts the overlapping
+    fraction of its images (images / tasks each: the batches are equal)."""
+    workers: dict[str, list[tuple[float, float]]] = {}
+    for worker, start, end in tasks:
+        workers.setdefault(worker, []).append((start, end))
+    t0, t1 = max(min(s for s, _ in w) for w in workers.values()), min(max(e for _, e in w) for w in workers.values())
+    overlap = sum(max(0.0, min(e, t1) - max(s, t0)) / (e - s) for _, s, e in tasks)
+    return overlap * images / len(tasks), t1 - t0
 
 
 def job_timeline(events: list[dict]) -> dict[str, list[tuple[float, float]]]:
@@ -214,12 +228,17 @@ def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int]
     wall0, t = time.time(), time.perf_counter()
     summary = run_precompute(config)
     total_s = time.perf_counter() - t
-    spans = {op: [(b, e) for b, e in sp if b >= wall0] for op, sp in job_timeline(ray.timeline()).items()}
+    events = ray.timeline()
+    spans = {op: [(b, e) for b, e in sp if b >= wall0] for op, sp in job_timeline(events).items()}
+    tasks = [(e["tid"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in events
+             if e.get("ph") == "X" and "EncodeStage" in e.get("cat", "") and e["cat"].endswith(".submit")
+             and e["ts"] / 1e6 >= wall0]
     inits = [end for op, s in spans.items() if op.endswith("(EncodeStage)).__init__") for _, end in s]
     ready, last_write = max(inits), max(end for _, end in spans["Write"])
     first_encode = min(b for b, _ in encode_spans(spans))
+    busy_images, busy_s = all_busy(tasks, summary.rows.get(resolutions[0], 0))
     return {"total_s": total_s, "startup_s": ready - wall0, "ready_s": last_write - ready,
-            "steady_s": last_write - first_encode,
+            "steady_s": last_write - first_encode, "busy_images": busy_images, "busy_s": busy_s,
             "finish_s": wall0 + total_s - last_write, "spans": spans, "summary": summary}
 
 
@@ -377,13 +396,26 @@ def throughput(args, tmp: Path) -> None:
                     jobs[encoders][-1]["cpu"] = sampler.stop()
             finally:
                 ray.shutdown()
-        print(f"round {r + 1}/{args.rounds} (steady): loop {per_round / loops[-1]['steady_s']:.3f} images/s, " +
-              ", ".join(f"job {e} enc {per_round / j[-1]['steady_s']:.3f}" for e, j in jobs.items()), flush=True)
+        print(f"round {r + 1}/{args.rounds}: loop {per_round / loops[-1]['steady_s']:.3f} images/s; " + ", ".join(
+            f"job {e} enc {j[-1]['busy_images'] / j[-1]['busy_s']:.3f} (every encoder busy), "
+            f"{per_round / j[-1]['steady_s']:.3f} (with the drain)" for e, j in jobs.items()), flush=True)
 
     print(f"\n=== precompute throughput: N = {n} images, res {args.res}, batch {args.batch_size}, "
           f"{args.vae_width} VAE, {args.cpus} CPUs; Parquet writing INCLUDED in both ===")
-    for window, title in (("steady_s", "steady state: images / time from the first VAE encode call to the end of "
-                           "the last Parquet write (pipeline fill excluded)"),
+    loop_rate = n / sum(x["steady_s"] for x in loops)
+    print("steady state: the job's images / time in the window in which every encoder worked (from its last encoder's "
+          "first batch to its first encoder's last; batches across the edges count pro rata); the loop (one process, "
+          "no drain) over the next window; summed over rounds")
+    print(f"  plain loop, torch threads {torch.get_num_threads()}  : {loop_rate:6.3f} images/s")
+    for encoders, runs in jobs.items():
+        rate = sum(j["busy_images"] for j in runs) / sum(j["busy_s"] for j in runs)
+        print(f"  ray job, {encoders} encoder(s) x {cpu_threads(encoders, args.threads)} thread(s): {rate:6.3f} "
+              f"images/s ({sum(j['busy_s'] for j in runs):.1f} s)   ratio ray/loop = {rate / loop_rate:.3f}  (per round: "
+              + ", ".join(f"{j['busy_images'] / j['busy_s'] * x['steady_s'] / per_round:.2f}"
+                          for x, j in zip(loops, runs)) + ")")
+    for window, title in (("steady_s", "with the drain: images / time from the first VAE encode call to the end of "
+                           "the last Parquet write (pipeline fill excluded; the job's last batches run on fewer "
+                           "encoders)"),
                           ("ready_s", "from 'VAE loaded': images / time from the (last) VAE load to the end of the "
                            "last Parquet write (adds the first batch's read and decode)")):
         loop_s = sum(x[window] for x in loops)
@@ -399,8 +431,8 @@ def throughput(args, tmp: Path) -> None:
     for encoders, runs in jobs.items():
         busy = sum(e - b for j in runs for b, e in encode_spans(j["spans"])) / encoders
         steady = sum(j["steady_s"] for j in runs)
-        print(f"  ray job, {encoders} enc: encoder tasks fill {busy / steady:.1%} of the steady window per encoder "
-              f"(the rest: an encoder waiting for a batch, or the last write)")
+        print(f"  ray job, {encoders} enc: encoder tasks fill {busy / steady:.1%} of the window with the drain per "
+              f"encoder (the rest: an encoder waiting for a batch, or the last write)")
     print(f"  start-up (excluded): ray.init {' / '.join(f'{s:.1f}' for s in inits)} s; loop model load "
           + " / ".join(f"{x['load_s']:.2f}" for x in loops) + " s; job start -> encoder ready (planning, worker "
           "start, imports, VAE load): " + "; ".join(f"{e} enc " + " / ".join(f"{j['startup_s']:.1f}" for j in runs)
