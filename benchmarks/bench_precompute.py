@@ -63,6 +63,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from pipelines.cluster import cpu_marks, cpu_threads
+
 VAE_WIDTHS = {"sdxl": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
               "small": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32),
               "tiny": dict(block_out_channels=(16, 32, 64, 64), layers_per_block=1, norm_num_groups=16)}
@@ -102,30 +104,33 @@ def make_images(directory: Path, n: int, *, short=(300, 900), long_max=1200, see
     return mpx / max(n, 1)
 
 
-def encode_spans(spans: dict[str, list[tuple[float, float]]]) -> list[tuple[float, float]]:
+Span = tuple[float, float, str]  # a task's (start, end) epoch seconds and the worker that ran it
+
+
+def encode_spans(spans: dict[str, list[Span]]) -> list[Span]:
     """The encoder actors' batch calls (read and decode fused into them or not) among a job's task spans."""
     return [span for op, s in spans.items() if "EncodeStage" in op and op.endswith(".submit") for span in s]
 
 
-def all_busy(tasks: list[tuple[str, float, float]], images: int) -> tuple[float, float]:
+def all_busy(tasks: list[Span], images: int) -> tuple[float, float]:
     """(images, seconds) of the window in which every encoder worked: from the last encoder's first task start
-    to the first encoder's last task end. `tasks` are (worker, start, end); each task counts the overlapping
-    fraction of its images (images / tasks each: the batches are equal)."""
+    to the first encoder's last task end. Each task (`encode_spans`) counts the overlapping fraction of its
+    images (images / tasks each: the batches are equal)."""
     workers: dict[str, list[tuple[float, float]]] = {}
-    for worker, start, end in tasks:
+    for start, end, worker in tasks:
         workers.setdefault(worker, []).append((start, end))
     t0, t1 = max(min(s for s, _ in w) for w in workers.values()), min(max(e for _, e in w) for w in workers.values())
-    overlap = sum(max(0.0, min(e, t1) - max(s, t0)) / (e - s) for _, s, e in tasks)
+    overlap = sum(max(0.0, min(e, t1) - max(s, t0)) / (e - s) for s, e, _ in tasks)
     return overlap * images / len(tasks), t1 - t0
 
 
-def job_timeline(events: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """(start, end) epoch seconds of each task of the job's operators, from `ray.timeline()` (cat 'task::OP')."""
-    spans: dict[str, list[tuple[float, float]]] = {}
+def job_timeline(events: list[dict]) -> dict[str, list[Span]]:
+    """The spans of the tasks of the job's operators, from `ray.timeline()` (cat 'task::OP')."""
+    spans: dict[str, list[Span]] = {}
     for e in events:
         cat = e.get("cat", "")
         if e.get("ph") == "X" and cat.startswith("task::") and ("Stage" in cat or cat == "task::Write"):
-            spans.setdefault(cat[len("task::"):], []).append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6))
+            spans.setdefault(cat[len("task::"):], []).append((e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6, e["tid"]))
     return spans
 
 
@@ -228,15 +233,11 @@ def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int]
     wall0, t = time.time(), time.perf_counter()
     summary = run_precompute(config)
     total_s = time.perf_counter() - t
-    events = ray.timeline()
-    spans = {op: [(b, e) for b, e in sp if b >= wall0] for op, sp in job_timeline(events).items()}
-    tasks = [(e["tid"], e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6) for e in events
-             if e.get("ph") == "X" and "EncodeStage" in e.get("cat", "") and e["cat"].endswith(".submit")
-             and e["ts"] / 1e6 >= wall0]
-    inits = [end for op, s in spans.items() if op.endswith("(EncodeStage)).__init__") for _, end in s]
-    ready, last_write = max(inits), max(end for _, end in spans["Write"])
-    first_encode = min(b for b, _ in encode_spans(spans))
-    busy_images, busy_s = all_busy(tasks, summary.rows.get(resolutions[0], 0))
+    spans = {op: [span for span in sp if span[0] >= wall0] for op, sp in job_timeline(ray.timeline()).items()}
+    inits = [end for op, s in spans.items() if op.endswith("(EncodeStage)).__init__") for _, end, _ in s]
+    ready, last_write = max(inits), max(end for _, end, _ in spans["Write"])
+    first_encode = min(b for b, _, _ in encode_spans(spans))
+    busy_images, busy_s = all_busy(encode_spans(spans), summary.rows.get(resolutions[0], 0))
     return {"total_s": total_s, "startup_s": ready - wall0, "ready_s": last_write - ready,
             "steady_s": last_write - first_encode, "busy_images": busy_images, "busy_s": busy_s,
             "finish_s": wall0 + total_s - last_write, "spans": spans, "summary": summary}
@@ -287,12 +288,6 @@ def _memory(pid: int, pss: bool) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
-def _machine_busy() -> float:
-    """CPU seconds the whole machine has been busy (all cores, everyone's processes)."""
-    user, nice, system, idle, iowait, irq, softirq, steal = map(int, Path("/proc/stat").read_text().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / TICK
-
-
 class ProcSampler(threading.Thread):
     """Every `interval` s: summed RSS (and PSS) of this process and all its descendants, and their CPU time
     (kept per pid, so processes that exit still count); on stop, the machine's busy time over the same span
@@ -307,7 +302,7 @@ class ProcSampler(threading.Thread):
         self.cpu: dict[int, float] = {}
         self.names: dict[int, str] = {}
         self.series: list[tuple[float, int, int]] = []  # (seconds since start, RSS sum, RSS - RssShmem sum)
-        self.wall0, self.busy0 = time.perf_counter(), _machine_busy()
+        self.wall0, self.busy0 = time.perf_counter(), cpu_marks()[1]
 
     def sample(self) -> None:
         table = _process_table()
@@ -336,7 +331,7 @@ class ProcSampler(threading.Thread):
         self.stop_event.set()
         self.join()
         self.sample()
-        wall, busy = time.perf_counter() - self.wall0, _machine_busy() - self.busy0
+        wall, busy = time.perf_counter() - self.wall0, cpu_marks()[1] - self.busy0
         ours = sum(self.cpu.values())
         top = sorted(((cpu, pid, self.names.get(pid, "?")) for pid, cpu in self.cpu.items()), reverse=True)
         return {"wall": wall, "ours": ours / wall, "others": max(0.0, busy - ours) / wall, "top": top[:6]}
@@ -363,8 +358,6 @@ def _name(pid: int) -> str:
 def throughput(args, tmp: Path) -> None:
     import ray
     import torch
-
-    from pipelines.cluster import cpu_threads
 
     t = time.perf_counter()
     vae_dir = make_vae(tmp / "vae", args.vae_width)
@@ -410,7 +403,8 @@ def throughput(args, tmp: Path) -> None:
     for encoders, runs in jobs.items():
         rate = sum(j["busy_images"] for j in runs) / sum(j["busy_s"] for j in runs)
         print(f"  ray job, {encoders} encoder(s) x {cpu_threads(encoders, args.threads)} thread(s): {rate:6.3f} "
-              f"images/s ({sum(j['busy_s'] for j in runs):.1f} s)   ratio ray/loop = {rate / loop_rate:.3f}  (per round: "
+              f"images/s ({sum(j['busy_s'] for j in runs):.1f} s)   ratio ray/loop = {rate / loop_rate:.3f}  "
+              "(per round: "
               + ", ".join(f"{j['busy_images'] / j['busy_s'] * x['steady_s'] / per_round:.2f}"
                           for x, j in zip(loops, runs)) + ")")
     for window, title in (("steady_s", "with the drain: images / time from the first VAE encode call to the end of "
@@ -429,7 +423,7 @@ def throughput(args, tmp: Path) -> None:
                   f"   ratio ray/loop = {(n / job_s) / loop_rate:.3f}  (per round: " + ", ".join(
                       f"{x[window] / j[window]:.2f}" for x, j in zip(loops, runs)) + ")")
     for encoders, runs in jobs.items():
-        busy = sum(e - b for j in runs for b, e in encode_spans(j["spans"])) / encoders
+        busy = sum(e - b for j in runs for b, e, _ in encode_spans(j["spans"])) / encoders
         steady = sum(j["steady_s"] for j in runs)
         print(f"  ray job, {encoders} enc: encoder tasks fill {busy / steady:.1%} of the window with the drain per "
               f"encoder (the rest: an encoder waiting for a batch, or the last write)")
@@ -449,7 +443,7 @@ def throughput(args, tmp: Path) -> None:
     for encoders, runs in jobs.items():
         ops = Counter()
         for j in runs:
-            ops.update({op: sum(e - b for b, e in sp) for op, sp in j["spans"].items()})
+            ops.update({op: sum(e - b for b, e, _ in sp) for op, sp in j["spans"].items()})
         print(f"  ray job, {encoders} enc: seconds inside tasks (ray.timeline(), incl. argument deserialisation): "
               + "; ".join(f"{op.replace('MapWorker(MapBatches(', '').replace('))', '')} {sec:.1f}"
                           for op, sec in ops.items()))
