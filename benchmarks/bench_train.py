@@ -4,7 +4,7 @@ workers vs 1, measured side by side in one run.
 Setup (flags override): the `tiny` preset at 64 px (8x8 latents, some wide or tall, cropped per step), a
 generated latent set of 32 rows (`tests/pipelines/latent_fixtures.make_latent_dataset`), the 2-layer Qwen3
 text encoder of `tests/tiny_models` (8 tokens), batch 8 per worker, no accumulation. Each run is the real
-job (`pipelines.training.run_stage`: Ray Data, Ray Train, MLflow into a temporary sqlite file) on a local
+job (`pipelines.stage.run_stage`: Ray Data, Ray Train, MLflow into a temporary sqlite file) on a local
 Ray started here with `--cpus` CPUs (workers reserve (CPUs - 1) / workers each, as always).
 
 What is measured: the worker loop's own meter, logged to MLflow every `--log-every` steps. Data wait is the
@@ -62,7 +62,7 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from pipelines.configs import StageConfig
-    from pipelines.training import run_stage
+    from pipelines.stage import run_stage
     from tests.pipelines.latent_fixtures import make_latent_dataset
     from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
 

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> StageConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config: StageConfig):
-        from pipelines.training import run_stage
+        from pipelines.stage import run_stage
 
         return run_stage(config)
 

@@ -83,7 +83,7 @@ def test_no_previous_stage_is_a_clear_error(ray_cluster, mlflow_server, models, 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, ray_driver, mlflow_server, models, tmp_path):
     from ray.util.state import list_actors
 
-    from pipelines.training import run_stage
+    from pipelines.stage import run_stage
 
     uri = mlflow_server["MLFLOW_TRACKING_URI"]
     make_latent_dataset(str(tmp_path / "latents"), [32], 16, vae=models["vae"])
@@ -123,7 +123,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, ray_driver, 
 
 
 def test_learning_two_caption_classes(ray_driver, models, tmp_path):
-    from pipelines.training import run_stage
+    from pipelines.stage import run_stage
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mean_square = make_latent_dataset(str(tmp_path / "latents"), [64], 32, vae=models["vae"])
