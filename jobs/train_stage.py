@@ -4,7 +4,8 @@
         python jobs/train_stage.py --res 512 --latents s3://bucket/latents --storage s3://bucket/runs
 
 Fields left out take the HDM recipe's value for --res (pipelines/configs.py RECIPE). --init-from auto (the
-default) starts from the final weights of the latest finished stage at a lower resolution (MLflow);
+default) starts from the final weights of the latest run at the previous resolution of the same lineage
+(MLflow; refused if that run failed or is unfinished), resolved once and reused on relaunch;
 relaunching with the same --name resumes the stage from its last checkpoint.
 """
 

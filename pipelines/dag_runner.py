@@ -23,7 +23,7 @@ from typing import TextIO
 
 from .dag import KINDS, PipelineConfig, StagePlan, experiment, job_config, plan, storage_root
 from .storage import exists, resolve
-from .tracking import StageRun
+from .tracking import CHECKPOINT_TAG, StageRun
 
 ROOT = Path(__file__).resolve().parents[1]  # the working directory every job runs in (uploaded by Ray)
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.safetensors", "__pycache__", ".pytest_cache"]
@@ -132,7 +132,7 @@ class PipelineRunner:
         outputs = stage.outputs()
         state = run.state()
         if stage.kind == "train":
-            outputs["checkpoint"] = state.tags["hdm.checkpoint"]
+            outputs["checkpoint"] = state.tags[CHECKPOINT_TAG]
         run.set_tags({**{OUTPUT_TAG + k: v for k, v in outputs.items()}, DONE_TAG: stage.digest})
         run.finish("FINISHED")
         self.say(f"[{stage.name}] done: " + ", ".join(f"{k} {v}" for k, v in outputs.items()))

@@ -21,6 +21,11 @@ from .secrets import redact
 
 STAGE_KEY = "hdm.stage_key"
 PARENT_TAG = "mlflow.parentRunId"
+# A training stage's lineage: its resolution, model preset and text encoder (what `--init-from auto` matches
+# on), the weights it started from and the run that made them, and its final checkpoint URI.
+RES_TAG, MODEL_TAG, TEXT_ENCODER_TAG = "hdm.res", "hdm.model", "hdm.text_encoder"
+INIT_FROM_TAG, PREV_RUN_TAG, CHECKPOINT_TAG = "hdm.init_from", "hdm.prev_run", "hdm.checkpoint"
+INIT_REQUEST_TAG = "hdm.init_from_requested"  # the --init-from value the recorded source was resolved from
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -159,7 +164,7 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts" / experiment).as_uri()
 
 
-def checkpoint_uri_of_run(tracking_uri: str, run_id: str, *, tag: str = "hdm.checkpoint") -> str:
+def checkpoint_uri_of_run(tracking_uri: str, run_id: str, *, tag: str = CHECKPOINT_TAG) -> str:
     """The final checkpoint URI (local path or s3://) a training stage run recorded in its `tag`."""
     from mlflow import MlflowClient
 
