@@ -9,6 +9,7 @@ from .flow import SamplerConfig, flow_matching_loss, interpolate, sample, sample
 from .official import load_official_hdm, official_key_map, ours_to_official
 from .optim import build_optimizer, mup_param_groups, warmup_cosine_schedule
 from .pipeline import HDMPipeline, make_grid, read_parameters, save_png
+from .release import save_official_hdm
 from .positions import Camera, crop_latent, make_axial_pos
 from .text_encoder import TextEncoder
 from .vae import LatentVAE
@@ -18,5 +19,5 @@ __all__ = [
     "SamplerConfig", "flow_matching_loss", "interpolate", "sample", "sample_timesteps", "velocity_target",
     "load_official_hdm", "official_key_map", "ours_to_official", "build_optimizer", "mup_param_groups",
     "warmup_cosine_schedule", "Camera", "crop_latent", "make_axial_pos", "TextEncoder", "LatentVAE",
-    "HDMPipeline", "make_grid", "read_parameters", "save_png",
+    "HDMPipeline", "make_grid", "read_parameters", "save_png", "save_official_hdm",
 ]

@@ -2,6 +2,7 @@
 
     pipe = HDMPipeline.from_checkpoint("ckpt/")                        # a training stage's checkpoint
     pipe = HDMPipeline.from_official("hdm-xut-340M.safetensors")       # the released file, VAE included
+    pipe = HDMPipeline.from_official("HDM-xut-340M-anime/")            # the released diffusers folder
     images = pipe(["1girl, solo"], width=768, height=1024, seeds=[0, 1])
 
 Every prompt is drawn with every seed, prompt-major: image i has prompts[i // len(seeds)] and
@@ -34,7 +35,8 @@ from torch import Tensor
 from .config import XUTConfig
 from .denoiser import CONFIG_NAME, WEIGHTS_NAME, XUTDenoiser
 from .flow import LATENT_SCALE, SamplerConfig, latent_size, sample
-from .official import VAE_PREFIX, _names, load_official_hdm
+from .official import (TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, VAE_PREFIX, OfficialWeights, _names,
+                       load_official_hdm, read_official)
 from .positions import Camera
 from .text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder, default_dtype
 from .vae import LatentVAE
@@ -112,32 +114,31 @@ class HDMPipeline:
         return cls(denoiser, text_encoder, vae, source=str(directory))
 
     @classmethod
-    def from_official(cls, path: str | os.PathLike, *, text_encoder: TextEncoder | str = DEFAULT_TEXT_ENCODER,
+    def from_official(cls, path: str | os.PathLike, *, text_encoder: TextEncoder | str | None = None,
                       vae: LatentVAE | str | None = None, vae_config: Mapping[str, Any] | str | None = None,
                       arch: dict[str, Any] | str | os.PathLike | None = None, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None) -> HDMPipeline:
-        """A released HDM `.safetensors` (denoiser under `unet.model.`, VAE under `vae.`).
+        """The released HDM weights in either layout (hdm_formats 1-2).
 
-        vae None: the file's own `vae.*` weights, loaded into a diffusers AutoencoderKL built from
-        `vae_config` (a config dict, or a hub id / path to read one from; default EQ_SDXL_VAE_CONFIG).
-        A file without VAE weights needs `vae=` (a loaded LatentVAE, or a hub id or path).
-        arch: the original's `config/arch` (default: the released xut-base).
+        A single `.safetensors` file: denoiser under `unet.model.`, VAE under `vae.`. vae None: the file's
+        own `vae.*` weights, loaded into a diffusers AutoencoderKL built from `vae_config` (a config dict,
+        or a hub id / path to read one from; default EQ_SDXL_VAE_CONFIG), normalising latents with the
+        file's `vae_mean` / `vae_std` where it has them. A file without VAE weights needs `vae=`.
+        A diffusers folder (HDMXUTPipeline's, or its transformer/): arch from transformer/config.json, the
+        VAE from vae/, the text encoder from text_encoder/ + tokenizer/ when the folder has them.
+        `vae=` / `text_encoder=` (a loaded module, or a hub id or path) replace those; text_encoder None
+        without one in the folder: Qwen/Qwen3-0.6B. arch: the original's `config/arch` (default: the
+        folder's, else the released xut-base).
         """
-        from safetensors.torch import load_file
-
-        if Path(path).is_dir():
-            raise ValueError(f"{path} is a directory: from_official reads a released .safetensors file; "
-                             "a training checkpoint directory loads with from_checkpoint")
         dtype = dtype or default_dtype(device)
-        state = load_file(os.fspath(path))
+        weights = read_official(path)
         if vae is None:
-            vae = official_vae(state, config=vae_config, device=device, dtype=dtype, source=str(path))
+            vae = official_vae(weights, config=vae_config, device=device, dtype=dtype)
         elif not isinstance(vae, LatentVAE):
             vae = LatentVAE.from_pretrained(os.fspath(vae), device=device, dtype=dtype)
-        denoiser = load_official_hdm(state, arch, device=device, dtype=dtype)
-        del state
+        denoiser = load_official_hdm(weights, arch, device=device, dtype=dtype)
         if not isinstance(text_encoder, TextEncoder):
-            text_encoder = TextEncoder.from_pretrained(os.fspath(text_encoder), device=device, dtype=dtype)
+            text_encoder = official_text_encoder(text_encoder, weights, device=device, dtype=dtype)
         return cls(denoiser, text_encoder, vae, source=str(path))
 
     # -- sampling ------------------------------------------------------------------------------------
@@ -237,27 +238,46 @@ def load_checkpoint_denoiser(directory: str | os.PathLike, *, device: torch.devi
     return model.to(dtype=dtype) if dtype is not None else model
 
 
-def official_vae(state: Mapping[str, Tensor], *, config: Mapping[str, Any] | str | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 source: str = "the weights") -> LatentVAE:
-    """The VAE stored under `vae.` in a released HDM state dict: diffusers AutoencoderKL names after the
-    prefix, loaded into an AutoencoderKL built from `config` (default EQ_SDXL_VAE_CONFIG)."""
+def official_vae(weights: OfficialWeights, *, config: Mapping[str, Any] | str | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> LatentVAE:
+    """The VAE of released weights: a diffusers folder's vae/, or the single file's `vae.*` tensors
+    (diffusers AutoencoderKL names after the prefix) loaded into an AutoencoderKL built from `config`
+    (default EQ_SDXL_VAE_CONFIG), with the file's `vae_mean` / `vae_std` as its latent statistics."""
     from diffusers import AutoencoderKL
 
-    weights = {k[len(VAE_PREFIX):]: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
-    if not weights:
-        raise ValueError(f"{source} holds no VAE weights (no '{VAE_PREFIX}*' keys): pass vae= (a hub id or a "
-                         "path of a diffusers AutoencoderKL, e.g. KBlueLeaf/EQ-SDXL-VAE)")
+    dtype = dtype or default_dtype(device)
+    folder_vae = weights.component(VAE_DIR)
+    if folder_vae is not None and not weights.vae:
+        return LatentVAE.from_pretrained(os.fspath(folder_vae), device=device, dtype=dtype)
+    if not weights.vae:
+        raise ValueError(f"{weights.source} holds no VAE weights (no '{VAE_PREFIX}*' keys, no {VAE_DIR}/): pass "
+                         "vae= (a hub id or a path of a diffusers AutoencoderKL, e.g. KBlueLeaf/EQ-SDXL-VAE)")
     if isinstance(config, str):
         config = AutoencoderKL.load_config(config)
+    config = dict(config if config is not None else EQ_SDXL_VAE_CONFIG)
+    if weights.latent_mean is not None and weights.latent_std is not None:  # the file's own statistics win
+        config.update(latents_mean=weights.latent_mean.tolist(), latents_std=weights.latent_std.tolist())
     with torch.device("meta"):
-        model = AutoencoderKL.from_config(dict(config if config is not None else EQ_SDXL_VAE_CONFIG))
+        model = AutoencoderKL.from_config(config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    check_state_keys({k: tuple(v.shape) for k, v in weights.items()}, expected,
-                     what=f"the '{VAE_PREFIX}*' weights of {source} (pass vae= to use another VAE)")
-    dtype = dtype or default_dtype(device)
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.items()}, assign=True)
+    check_state_keys({k: tuple(v.shape) for k, v in weights.vae.items()}, expected,
+                     what=f"the '{VAE_PREFIX}*' weights of {weights.source} (pass vae= to use another VAE)")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in weights.vae.items()}, assign=True)
     return LatentVAE(model).to(device)
+
+
+def official_text_encoder(text_encoder: str | os.PathLike | None, weights: OfficialWeights, *,
+                          device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> TextEncoder:
+    """`text_encoder` (a hub id or path) when given; else the diffusers folder's text_encoder/ +
+    tokenizer/ when it has both; else DEFAULT_TEXT_ENCODER."""
+    model_dir, tokenizer_dir = weights.component(TEXT_ENCODER_DIR), weights.component(TOKENIZER_DIR)
+    if text_encoder is not None or model_dir is None or tokenizer_dir is None:
+        return TextEncoder.from_pretrained(os.fspath(text_encoder or DEFAULT_TEXT_ENCODER), device=device,
+                                           dtype=dtype)
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(model_dir, dtype=dtype or default_dtype(device))
+    return TextEncoder(model.to(device), AutoTokenizer.from_pretrained(tokenizer_dir))
 
 
 def check_state_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], *,

@@ -4,6 +4,7 @@
     python jobs/sample.py --checkpoint s3://bucket/run/stage-512/final --prompt-file prompts.txt --seed 10 --count 4
     python jobs/sample.py --run-id 3f2a... --mlflow-uri http://127.0.0.1:5000 --prompt "a cat"
     python jobs/sample.py --official hdm-xut-340M.safetensors --prompt "..." --width 768 --height 1024
+    python jobs/sample.py --official HDM-xut-340M-anime/ --prompt "..."     # the released diffusers folder
 
 Every prompt is drawn with every seed; each PNG holds its generation parameters (JSON) in its
 `parameters` text chunk. See docs/sampling.md.
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="checkpoint directory (model.safetensors + config.json): path or s3:// URI")
     src.add_argument("--run-id", help="MLflow run id: samples the checkpoint named by its hdm.checkpoint tag")
-    src.add_argument("--official", help="released HDM .safetensors (path or s3://); its vae.* weights are the VAE")
+    src.add_argument("--official", help="released HDM .safetensors, or its diffusers folder (path or s3://); "
+                     "the file's vae.* weights / the folder's vae/, text_encoder/ are used")
     ap.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT", help="a prompt (repeatable)")
     ap.add_argument("--prompt-file", help="a text file, one prompt per line (blank lines skipped)")
     ap.add_argument("--negative-prompt", help="the unconditional branch's prompt (default empty)")

@@ -20,7 +20,6 @@ from pydantic import Field, field_validator, model_validator
 
 from hdm_model import Camera, HDMPipeline, make_grid, save_png
 from hdm_model.pipeline import EMA_WEIGHTS_NAME
-from hdm_model.text_encoder import DEFAULT_TEXT_ENCODER
 
 from .configs import S3Options, StrictModel, TrackingOptions
 from .storage import exists, join, resolve
@@ -34,7 +33,7 @@ class SampleConfig(StrictModel):
 
     checkpoint: str | None = None  # checkpoint directory: local path or s3:// URI
     run_id: str | None = None  # MLflow run whose `hdm.checkpoint` tag names the checkpoint
-    official: str | None = None  # released HDM .safetensors: local path or s3:// URI
+    official: str | None = None  # released HDM .safetensors or diffusers folder: local path or s3:// URI
     prompts: list[str] = Field(min_length=1)
     negative_prompt: str = ""
     width: int = 1024
@@ -50,7 +49,7 @@ class SampleConfig(StrictModel):
     batch_size: int = Field(1, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: float16 on GPU, float32 on CPU
     device: str | None = None  # None: cuda when available, else cpu
-    text_encoder: str | None = None  # overrides the checkpoint's (official default: Qwen/Qwen3-0.6B)
+    text_encoder: str | None = None  # overrides the checkpoint's (official: the folder's, else Qwen/Qwen3-0.6B)
     vae: str | None = None  # overrides the checkpoint's (official default: the file's own vae.* weights)
     out: str = "samples"  # local directory
     grid: bool = False  # also write grid.png: rows = prompts, columns = seeds
@@ -112,7 +111,7 @@ def load_pipeline(config: SampleConfig, scratch: Path) -> HDMPipeline:
     vae = local_copy(config.vae, scratch, config.s3) if config.vae else None
     if config.official:
         pipe = HDMPipeline.from_official(local_copy(config.official, scratch, config.s3), device=device, dtype=dtype,
-                                         text_encoder=text_encoder or DEFAULT_TEXT_ENCODER, vae=vae)
+                                         text_encoder=text_encoder, vae=vae)
         pipe.source = config.official
         return pipe
     uri = config.checkpoint or checkpoint_of_run(config)
