@@ -35,10 +35,13 @@ def velocity_target(z0: Tensor, noise: Tensor) -> Tensor:
 
 def flow_matching_loss(model: nn.Module, z0: Tensor, ctx: Tensor, *, pos_map: Tensor | None = None,
                        aspect: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-    """Plain MSE between the predicted and the target velocity, mean over every element."""
+    """Plain MSE between the predicted and the target velocity, mean over every element.
+
+    Noise, timesteps and the TREAD routing mask all draw from `generator` (on z0's device) when one is given.
+    """
     noise = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
     t = sample_timesteps(z0.shape[0], device=z0.device, generator=generator)
-    v = model(interpolate(z0, noise, t), t, ctx, pos_map=pos_map, aspect=aspect)
+    v = model(interpolate(z0, noise, t), t, ctx, pos_map=pos_map, aspect=aspect, generator=generator)
     loss = F.mse_loss(v.float(), velocity_target(z0, noise).float())
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite flow-matching loss: {loss.item()}")

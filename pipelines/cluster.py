@@ -83,8 +83,9 @@ def set_train_threads(device, workers_on_node: int, threads: int | None) -> None
         torch.set_num_threads(cpu_threads(workers_on_node, threads, leave=_TRAIN_LEAVE_CORES))
 
 
-def epoch_batches(shard, *, batch_size: int, shuffle_buffer: int, seed: int, **options):
-    """One epoch of a worker's dataset shard as numpy batches (`drop_last`). With `shuffle_buffer`, batches
-    are drawn from a buffer of that many rows with `seed`: give each epoch its own seed for a new order."""
+def epoch_batches(shard, *, batch_size: int, shuffle_buffer: int, seed: int, drop_last: bool = True, **options):
+    """One epoch of a worker's dataset shard as numpy batches (the last, smaller one dropped unless `drop_last`
+    is False). With `shuffle_buffer`, batches are drawn from a buffer of that many rows with `seed`: give each
+    epoch its own seed for a new order."""
     shuffle = dict(local_shuffle_buffer_size=shuffle_buffer, local_shuffle_seed=seed) if shuffle_buffer else {}
-    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True, **shuffle, **options)
+    return shard.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=drop_last, **shuffle, **options)
