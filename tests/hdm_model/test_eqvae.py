@@ -1,3 +1,5 @@
+from dataclasses import dataclass
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -200,31 +202,64 @@ def test_perceptual_and_adversarial_terms_are_refused(tiny_vae):
             eq_vae_loss(tiny_vae, smooth_images(1, 32), cfg)
 
 
-def test_tiny_vae_learns_with_the_eq_objective():
-    """Real learning: 80 Adam steps of the EQ-VAE objective (p_eq = 0.5) on a fixed batch of two smooth 64 px
-    images raise reconstruction PSNR by ~9.4 dB (13.6 -> 23.0 measured; 8.5-9.4 over three seeds) and cut
-    the equivariance error ~7x (1.87 -> 0.26). 64 px rather than 32: the transformed batches then decode
-    16-56 px images, which help the full-size reconstruction (32 px gains only 6-8 dB at the same cost)."""
-    torch.manual_seed(0)
+@dataclass
+class EQLearning:
+    psnr_before: float
+    psnr_after: float
+    eq_before: float
+    eq_after: float
+    transformed: float  # batches (of 80) that took the equivariance transform
+    still_training: bool
+
+
+def learn_eq_objective(seed: int, *, p_eq: float = 0.5) -> EQLearning:
+    """80 Adam steps of the EQ-VAE objective (`p_eq` of the batches transformed) on a fixed batch of two smooth
+    64 px images; `seed` draws the initial weights and the transforms. Also run by
+    benchmarks/measure_test_margins.py."""
+    torch.manual_seed(seed)
     vae = build_vae("tiny").train()
     x = smooth_images(2, 64)
     taus = [Transform(scale=0.5, k=1), Transform(scale=0.75, k=2), Transform(scale=1.0, k=3)]
     psnr_before, eq_before = psnr(reconstruct(vae, x), x), equivariance_error(vae, x, taus)
     opt = torch.optim.Adam(vae.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     transformed = 0.0
     for _ in range(80):
-        loss, parts = eq_vae_loss(vae, x, EQConfig(), generator=gen)
+        loss, parts = eq_vae_loss(vae, x, EQConfig(p_eq=p_eq), generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         transformed += parts["eq"]
-    psnr_after, eq_after = psnr(reconstruct(vae, x), x), equivariance_error(vae, x, taus)
-    assert 25 <= transformed <= 55
-    assert psnr_after - psnr_before >= 6.0, (psnr_before, psnr_after)
-    assert eq_after < 0.3 * eq_before, (eq_before, eq_after)
-    assert vae.training  # the metrics restore the mode they found
+    return EQLearning(psnr_before=psnr_before, psnr_after=psnr(reconstruct(vae, x), x), eq_before=eq_before,
+                      eq_after=equivariance_error(vae, x, taus), transformed=transformed,
+                      still_training=vae.training)
 
+
+def test_tiny_vae_learns_with_the_eq_objective():
+    """Real learning: the EQ objective raises reconstruction PSNR and cuts the equivariance error. 64 px rather
+    than 32: the transformed batches then decode 16-56 px images, which help the full-size reconstruction
+    (32 px gains only 6-8 dB at the same cost).
+
+    Margins (benchmarks/measure_test_margins.py eqvae-unit, seeds 0-9 x 1 and 2 torch threads, 20 runs on a
+    2-core x86 box): PSNR gain 8.04-11.32 dB (bound 6.0: >= 2.0 dB to spare); eq_after / eq_before
+    0.101-0.162 (bound 0.3: 1.85x to spare); transformed batches 34-42 (bounds 25 and 55). Seed 0 here: 9.42 dB
+    on 1 thread, 9.44 on 2, so a machine's thread count moves the gain by hundredths of a dB, seeds by ~1."""
+    r = learn_eq_objective(seed=0)
+    assert 25 <= r.transformed <= 55  # Binomial(80, 0.5): 40 +- 15 is 3.4 standard deviations
+    assert r.psnr_after - r.psnr_before >= 6.0, (r.psnr_before, r.psnr_after)
+    assert r.eq_after < 0.3 * r.eq_before, (r.eq_before, r.eq_after)
+    assert r.still_training  # the metrics restore the mode they found
+
+
+
+def test_the_equivariance_term_is_what_lowers_the_equivariance_error():
+    """Same seed, images and steps, the EQ term on every step vs never: the equivariance error after training
+    is much lower with it. Margin (measured for issue 14 over seeds 0-4 x 1 and 2 torch threads, 10 pairs on a
+    2-core x86 box): with / without = 0.262-0.368 (with 0.216-0.302, without 0.588-1.071); the bound 0.6 has
+    1.6x to spare. (The job-level comparison after 150 steps sat inside seed noise: 0.81-1.26.)"""
+    with_eq, without = learn_eq_objective(seed=0, p_eq=1.0), learn_eq_objective(seed=0, p_eq=0.0)
+    assert with_eq.transformed == 80 and without.transformed == 0
+    assert with_eq.eq_after < 0.6 * without.eq_after, (with_eq.eq_after, without.eq_after)
 
 # ---- metrics -------------------------------------------------------------------------------------------------
 

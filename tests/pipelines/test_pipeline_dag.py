@@ -81,6 +81,7 @@ def test_demo_dag_end_to_end_then_skipped_then_a_failure_stops_dependents(ray_cl
     assert runs["precompute"].data.params["vae"] == out["vae"]["vae"]
     assert runs["train-32"].data.params["latents"] == out["precompute"]["latents"]
     assert runs["train-64"].data.tags["hdm.init_from"] == out["train-32"]["checkpoint"]
+    assert runs["train-64"].data.tags["hdm.prev_run"] == runs["train-32"].info.run_id
     assert runs["train-64"].data.tags["hdm.init_weights_sha256"] == runs["train-32"].data.tags["hdm.final_weights_sha256"]
     assert out["train-64"]["checkpoint"].startswith(f"{storage}/train-64/")
     for name in ("eval-32", "eval-64"):

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 
 import pytest
 from mlflow import MlflowClient
@@ -122,20 +123,36 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_cluster, ray_driver, 
     assert run.info.status == "FINISHED"
 
 
-def test_learning_two_caption_classes(ray_driver, models, tmp_path):
+@dataclass
+class Learning:
+    first: float  # the loss logged at step 1
+    last: float  # the mean of the losses logged at steps 130, 140 and 150
+    zero_loss: float  # what predicting v = 0 costs: E|eps - z0|^2 = 1 + E[z0^2]
+
+
+def learn_two_caption_classes(models: dict, work, *, seed: int, torch_threads: int) -> Learning:
+    """150 steps of the tiny model on two caption classes (latent_fixtures). Also run, over several seeds and
+    thread counts, by benchmarks/measure_test_margins.py."""
     from pipelines.stage import run_stage
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mean_square = make_latent_dataset(str(tmp_path / "latents"), [64], 32, vae=models["vae"])
-    config = StageConfig(res=64, latents=str(tmp_path / "latents"), storage=str(tmp_path / "runs"), model="tiny",
+    uri = f"sqlite:///{work}/mlflow.db"
+    mean_square = make_latent_dataset(str(work / "latents"), [64], 32, vae=models["vae"])
+    config = StageConfig(res=64, latents=str(work / "latents"), storage=str(work / "runs"), model="tiny",
                          text_encoder=models["te"], init_from="none", steps=150, warmup_steps=10, base_lr=0.5,
                          batch_size=8, grad_accum=1, ctx_length=8, caption_dropout=0.1, checkpoint_every=1000,
-                         log_every=10, workers=1, sample={"every": 10_000, "steps": 1, "seeds": [0]},
+                         log_every=10, workers=1, torch_threads=torch_threads, seed=seed,
+                         sample={"every": 10_000, "steps": 1, "seeds": [0]},
                          tracking={"uri": uri, "experiment": "learning"})
     summary = run_stage(config)
-    client = MlflowClient(uri)
-    history = {m.step: m.value for m in client.get_metric_history(summary.run_id, "loss")}
-    first, last = history[1], sum(history[s] for s in (130, 140, 150)) / 3
-    zero_loss = 1.0 + mean_square  # predicting v = 0 costs E|eps - z0|^2 = 1 + E[z0^2]
-    print(f"loss at step 1 {first:.3f}, final {last:.3f}, predicting zero {zero_loss:.2f}")
-    assert last < 0.6 * first and last < 0.8 * zero_loss
+    history = {m.step: m.value for m in MlflowClient(uri).get_metric_history(summary.run_id, "loss")}
+    return Learning(first=history[1], last=sum(history[s] for s in (130, 140, 150)) / 3, zero_loss=1.0 + mean_square)
+
+
+def test_learning_two_caption_classes(ray_driver, models, tmp_path):
+    """The loss falls well below its start and below predicting zero. Margins, measured for issue 14 with the
+    per-rank seeded draws over seeds 0-4 x 1 and 2 torch threads (10 runs, benchmarks/measure_test_margins.py
+    train-stage): last / first 0.363-0.391 (bound 0.6), last / predicting-zero 0.363-0.398 (bound 0.8): both
+    bounds 1.5x above the worst run."""
+    r = learn_two_caption_classes(models, tmp_path, seed=20090220, torch_threads=1)
+    print(f"loss at step 1 {r.first:.3f}, final {r.last:.3f}, predicting zero {r.zero_loss:.2f}")
+    assert r.last < 0.6 * r.first and r.last < 0.8 * r.zero_loss
