@@ -8,16 +8,7 @@ from hdm_model import (OFFICIAL_XUT_BASE_ARCH, XUTConfig, build_denoiser, load_o
 from hdm_model.official import DENOISER_PREFIX
 
 from .conftest import tiny_inputs
-
-
-def _tiny_arch(config: XUTConfig) -> dict:
-    return {"patch_size": config.patch_size, "input_dim": config.in_channels, "dim": config.dim,
-            "ctx_dim": config.ctx_dim, "ctx_size": config.ctx_size, "heads": config.heads,
-            "dim_head": config.head_dim, "mlp_dim": config.mlp_dim, "depth": config.depth,
-            "enc_blocks": config.enc_blocks, "dec_blocks": config.dec_blocks,
-            "tread_config": {"prev_trns_depth": config.pre_blocks, "post_trns_depth": config.post_blocks,
-                             "dropout_ratio": config.tread_rate},
-            "addon_info_embs_dim": 1}
+from .original_layouts import arch_of
 
 
 def test_round_trip_through_the_official_layout(tiny_model, tmp_path):
@@ -29,7 +20,7 @@ def test_round_trip_through_the_official_layout(tiny_model, tmp_path):
     state["vae.encoder.conv_in.weight"] = torch.zeros(3)  # VAE weights ride along and are ignored
     path = tmp_path / "hdm.safetensors"
     save_file(state, path)
-    arch = _tiny_arch(tiny_model.config)
+    arch = arch_of(tiny_model.config)
     for source in (path, state):
         loaded = load_official_hdm(source, arch).eval()
         x, t, ctx = tiny_inputs(tiny_model.config)
@@ -39,7 +30,7 @@ def test_round_trip_through_the_official_layout(tiny_model, tmp_path):
 
 
 def test_missing_and_unexpected_keys_are_named(tiny_model):
-    arch = _tiny_arch(tiny_model.config)
+    arch = arch_of(tiny_model.config)
     state = ours_to_official(tiny_model)
     del state["unet.model.backbone.dec_blocks.1.0.xattn.kv.weight"]
     with pytest.raises(KeyError, match=r"missing keys: backbone\.dec_blocks\.1\.0\.xattn\.kv\.weight"):
@@ -51,7 +42,7 @@ def test_missing_and_unexpected_keys_are_named(tiny_model):
 
 
 def test_wrong_shape_and_time_buffer_are_refused(tiny_model):
-    arch = _tiny_arch(tiny_model.config)
+    arch = arch_of(tiny_model.config)
     state = ours_to_official(tiny_model)
     state["unet.model.ctx_proj.weight"] = torch.zeros(64, 31)
     with pytest.raises(ValueError, match="ctx_proj.weight"):

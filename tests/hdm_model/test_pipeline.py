@@ -12,7 +12,7 @@ from hdm_model.pipeline import PARAMETERS_KEY
 
 from ..tiny_models import make_tiny_text_encoder, make_tiny_vae
 from .conftest import _randomise_zero_inits
-from .test_official import _tiny_arch
+from .original_layouts import arch_of
 
 SMALL = dict(width=64, height=48, steps=3)  # 6 x 8 latent, 3 x 4 patch grid
 
@@ -142,14 +142,14 @@ def test_official_file_with_its_vae_samples_what_its_weights_sample(pipe, parts,
     state.update({f"vae.{k}": v.contiguous() for k, v in parts["vae"].vae.state_dict().items()})
     save_file(state, tmp_path / "hdm.safetensors")
     loaded = HDMPipeline.from_official(tmp_path / "hdm.safetensors", text_encoder=str(parts["te_dir"]),
-                                       vae_config=str(parts["vae_dir"]), arch=_tiny_arch(parts["denoiser"].config),
+                                       vae_config=str(parts["vae_dir"]), arch=arch_of(parts["denoiser"].config),
                                        dtype=torch.float32)
     assert_same(loaded(["red square"], seeds=5, **SMALL)[0], pipe(["red square"], seeds=5, **SMALL)[0])
     # The default VAE config is EQ-SDXL-VAE's: the tiny VAE's tensors do not fit it, and are named.
     with pytest.raises(ValueError, match=r"vae\.\*.*missing keys: decoder\.up_blocks\.0\.resnets\.2.*"
                                          r"wrong shapes: decoder\.conv_in\.bias \(16,\) != \(512,\)"):
         HDMPipeline.from_official(tmp_path / "hdm.safetensors", text_encoder=parts["text_encoder"],
-                                  arch=_tiny_arch(parts["denoiser"].config))
+                                  arch=arch_of(parts["denoiser"].config))
 
 
 def test_clear_errors(pipe, parts, tmp_path):
@@ -167,7 +167,7 @@ def test_clear_errors(pipe, parts, tmp_path):
     save_file(ours_to_official(parts["denoiser"]), tmp_path / "novae.safetensors")
     with pytest.raises(ValueError, match="no VAE weights.*pass vae="):
         HDMPipeline.from_official(tmp_path / "novae.safetensors", text_encoder=parts["text_encoder"],
-                                  arch=_tiny_arch(parts["denoiser"].config))
+                                  arch=arch_of(parts["denoiser"].config))
     # Weights of another architecture than the config (an official arch, a checkpoint's config.json): named.
     with pytest.raises(KeyError, match=r"do not match the arch: missing keys: backbone\.dec_blocks\.0\.2\."):
         HDMPipeline.from_official(tmp_path / "novae.safetensors", text_encoder=parts["text_encoder"], vae=parts["vae"])
