@@ -1,4 +1,4 @@
-"""Latent precompute: the Ray Data job (`pipelines.precompute.run_precompute`) vs a plain single-process loop
+"""Latent precompute: the Ray Data job (`pipelines.data.precompute.run_precompute`) vs a plain single-process loop
 doing the same work on the same inputs, in one run; plus a streaming check of the job's peak memory.
 
 Inputs: N synthetic JPEGs (short side 300-900 px, long side up to 1200 px, aspect ratios 1:1 to 16:9 both
@@ -143,9 +143,9 @@ def run_loop(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int
     import torch
 
     from hdm_model import LatentVAE
-    from pipelines.images import ImageError, TransformSpec, decode_image, resize_for_resolution
-    from pipelines.latent_store import OUTPUT_SCHEMA, LatentWriter
-    from pipelines.sources import list_units
+    from pipelines.data.images import ImageError, TransformSpec, decode_image, resize_for_resolution
+    from pipelines.data.latent_store import OUTPUT_SCHEMA, LatentWriter
+    from pipelines.data.sources import list_units
     from pipelines.storage import read_bytes, resolve
 
     fs, root = resolve(str(input_dir))
@@ -221,8 +221,8 @@ def run_job(input_dir: Path, output: Path, vae_dir: Path, resolutions: list[int]
     """run_precompute, timed; steady state = from the first encoder task's start to the end of the last write."""
     import ray
 
-    from pipelines.configs import PrecomputeConfig
-    from pipelines.precompute import run_precompute
+    from pipelines.data.config import PrecomputeConfig
+    from pipelines.data.precompute import run_precompute
 
     config = PrecomputeConfig(input=str(input_dir), output=str(output), resolutions=resolutions, vae=str(vae_dir),
                               batch_size=batch_size, rows_per_file=batch_size, encoders=encoders,
@@ -460,8 +460,8 @@ def throughput(args, tmp: Path) -> None:
 def memory(args, tmp: Path) -> None:
     import ray
 
-    from pipelines.configs import PrecomputeConfig
-    from pipelines.precompute import run_precompute
+    from pipelines.data.config import PrecomputeConfig
+    from pipelines.data.precompute import run_precompute
 
     vae_dir = make_vae(tmp / "vae", args.vae_width)
     print(f"memory: {args.vae_width} VAE, res {args.res}, batch {args.batch_size}, images 300-500 px; RSS (and PSS) "

@@ -4,7 +4,7 @@ workers vs 1, measured side by side in one run.
 Setup (flags override): the `tiny` preset at 64 px (8x8 latents, some wide or tall, cropped per step), a
 generated latent set of 32 rows (`tests/pipelines/latent_fixtures.make_latent_dataset`), the 2-layer Qwen3
 text encoder of `tests/tiny_models` (8 tokens), batch 8 per worker, no accumulation. Each run is the real
-job (`pipelines.stage.run_stage`: Ray Data, Ray Train, MLflow into a temporary sqlite file) on a local
+job (`pipelines.train.stage.run_training_stage`: Ray Data, Ray Train, MLflow into a temporary sqlite file) on a local
 Ray started here with `--cpus` CPUs (workers reserve (CPUs - 1) / workers each, as always).
 
 What is measured: the worker loop's own meter, logged to MLflow every `--log-every` steps. Data wait is the
@@ -61,8 +61,8 @@ def main() -> None:
     import ray
     from mlflow import MlflowClient
 
-    from pipelines.configs import StageConfig
-    from pipelines.stage import run_stage
+    from pipelines.train.config import TrainStageConfig
+    from pipelines.train.stage import run_training_stage
     from tests.pipelines.latent_fixtures import make_latent_dataset
     from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
 
@@ -79,7 +79,7 @@ def main() -> None:
     try:
         for i in range(args.rounds):
             for workers in args.workers if i % 2 == 0 else args.workers[::-1]:
-                config = StageConfig(
+                config = TrainStageConfig(
                     res=args.res, latents=str(tmp / "latents"), storage=str(tmp / "runs"), name=f"r{i}-w{workers}",
                     model="tiny", text_encoder=str(te), init_from="none", steps=args.steps, warmup_steps=2,
                     batch_size=args.batch_size, grad_accum=1, ctx_length=8, checkpoint_every=10_000,
@@ -87,7 +87,7 @@ def main() -> None:
                     sample={"every": 10_000, "steps": 1, "seeds": [0], "prompts": ["a"]},
                     tracking={"uri": uri, "experiment": "bench"})
                 start = time.perf_counter()
-                summary = run_stage(config)
+                summary = run_training_stage(config)
                 stats = {**steady_state(client, summary.run_id), "wall": time.perf_counter() - start}
                 results[workers].append(stats)
                 print(f"  round {i} workers {workers}: {stats['samples_per_s']:7.1f} samples/s, data wait "

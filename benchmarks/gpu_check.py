@@ -41,7 +41,7 @@ QWEN3_06B = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
                  head_dim=128, intermediate_size=3072, vocab_size=151936)
 SMOKE_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                   intermediate_size=64, vocab_size=1000)
-RECIPE_256 = dict(base_lr=0.5, betas=(0.9, 0.98), weight_decay=0.02, grad_clip=3.0)  # pipelines.configs.RECIPE
+RECIPE_256 = dict(base_lr=0.5, betas=(0.9, 0.98), weight_decay=0.02, grad_clip=3.0)  # pipelines.train.config.RECIPE
 
 
 def text_encoder_flops(config, n_tokens: int) -> int:

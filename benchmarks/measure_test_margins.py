@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def vae_job(seed: int, threads: int, work: Path) -> dict[str, float]:
     from mlflow import MlflowClient
 
-    from pipelines.configs import VAETrainConfig
-    from pipelines.vae_training import run_vae_training
-    from tests.pipelines.test_vae_job import JOB, write_images
+    from pipelines.train.config import VAETrainConfig
+    from pipelines.train.eqvae import run_vae_training
+    from tests.pipelines.train.test_vae_job import JOB, write_images
 
     images = work / "images"
     if not images.exists():
@@ -50,10 +50,10 @@ def vae_job(seed: int, threads: int, work: Path) -> dict[str, float]:
 
 
 def eq_term(seed: int, threads: int, work: Path) -> dict[str, float]:
-    from tests.pipelines.test_vae_job import eq_term_fields, write_images
+    from tests.pipelines.train.test_vae_job import eq_term_fields, write_images
 
-    from pipelines.configs import VAETrainConfig
-    from pipelines.vae_training import run_vae_training
+    from pipelines.train.config import VAETrainConfig
+    from pipelines.train.eqvae import run_vae_training
 
     images = work / "images"
     if not images.exists():
@@ -78,7 +78,7 @@ def eqvae_unit(seed: int, threads: int, work: Path) -> dict[str, float]:
 
 
 def train_stage(seed: int, threads: int, work: Path) -> dict[str, float]:
-    from tests.pipelines.test_train_stage import learn_two_caption_classes
+    from tests.pipelines.train.test_train_stage import learn_two_caption_classes
     from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
 
     models = work / "models"

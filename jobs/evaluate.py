@@ -6,7 +6,7 @@
 Draws every prompt with every seed, detects each image's shape color (and shape) and scores it against
 the prompt: `adherence_color` (chance 1/6) and `adherence_shape` (chance 1/3) go to MLflow (the training
 run given by --run-id, else an `evaluate` run), the grid (rows = prompts) and adherence.json to --out.
-See pipelines/adherence.py.
+See pipelines/eval/adherence.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.adherence import EvaluateConfig  # noqa: E402
+from pipelines.eval.adherence import EvaluateConfig  # noqa: E402
 from pipelines.cli import add_shared_flags, config_from_flags, job_main, seeds_from_flags  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config: EvaluateConfig):
-        from pipelines.adherence import run_evaluation
+        from pipelines.eval.adherence import run_evaluation
 
         return run_evaluation(config)
 

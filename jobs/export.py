@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from pydantic import model_validator  # noqa: E402
 
 from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
-from pipelines.configs import S3Options, StrictModel, TrackingOptions  # noqa: E402
+from pipelines.config import S3Options, StrictModel, TrackingOptions
 
 
 class ExportConfig(StrictModel):
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(config: ExportConfig):
     from hdm_model.release import export_checkpoint
-    from pipelines.sampling import CHECKPOINT_FILES, OPTIONAL_FILES, checkpoint_of_run, local_copy
+    from pipelines.eval.sampling import CHECKPOINT_FILES, OPTIONAL_FILES, checkpoint_of_run, local_copy
 
     uri = config.checkpoint or checkpoint_of_run(config)
     with tempfile.TemporaryDirectory(prefix="hdm-export-") as scratch:  # copies of s3:// inputs

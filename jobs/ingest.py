@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.cli import config_from_flags, job_main  # noqa: E402
-from pipelines.ingest import IngestConfig  # noqa: E402
+from pipelines.data.ingest import IngestConfig  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> IngestConfig:
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config: IngestConfig):
-        from pipelines.ingest import run_ingest
+        from pipelines.data.ingest import run_ingest
 
         return run_ingest(config)
 

@@ -5,7 +5,7 @@ img2dataset downloads (file:// URLs) and the held-out prompts the evaluation dra
     img2dataset --url_list demo/data/urls.parquet --input_format parquet --url_col url --caption_col caption \\
         --output_format parquet --output_folder demo/images --encode_format png --encode_quality 9 --resize_mode no
 
-Flags override the optional --config TOML or JSON object (DemoDataConfig fields). See pipelines/demo_data.py.
+Flags override the optional --config TOML or JSON object (DemoDataConfig fields). See pipelines/data/demo_data.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.cli import config_from_flags, job_main  # noqa: E402
-from pipelines.demo_data import DemoDataConfig, write_demo_data  # noqa: E402
+from pipelines.data.demo_data import DemoDataConfig, write_demo_data  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> DemoDataConfig:

@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
-from pipelines.configs import PrecomputeConfig  # noqa: E402
-from pipelines.latent_store import ManifestMismatch  # noqa: E402
+from pipelines.data.config import PrecomputeConfig
+from pipelines.data.latent_store import ManifestMismatch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config: PrecomputeConfig):
-        from pipelines.precompute import run_precompute
+        from pipelines.data.precompute import run_precompute
 
         return run_precompute(config)
 

@@ -1,7 +1,7 @@
 """Run a pipeline DAG: every stage a Ray job on the cluster at RAY_ADDRESS, tracked in MLflow.
 
-    python jobs/run_pipeline.py pipelines/configs/demo.toml                # run (skips finished stages)
-    python jobs/run_pipeline.py pipelines/configs/hdm_xut_base.toml --dry-run   # validate and plan only
+    python jobs/run_pipeline.py pipelines/dag/configs/demo.toml                # run (skips finished stages)
+    python jobs/run_pipeline.py pipelines/dag/configs/hdm_xut_base.toml --dry-run   # validate and plan only
     python jobs/run_pipeline.py CONFIG --from train-512                    # rerun a stage and what follows
 
 RAY_ADDRESS (or --address) is the Ray dashboard, e.g. http://127.0.0.1:8265, as for `ray job submit`.
@@ -23,7 +23,7 @@ from pipelines.cli import EXIT_INVALID  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="pipeline TOML (pipelines/configs/*.toml), or the config as a JSON object")
+    ap.add_argument("config", help="pipeline TOML (pipelines/dag/configs/*.toml), or the config as a JSON object")
     ap.add_argument("--dry-run", action="store_true", help="validate every stage and print the plan; run nothing")
     ap.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and every stage after it")
     ap.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from pipelines.configs import load_config
-    from pipelines.dag import PipelineConfig, format_plan, plan
+    from pipelines.config import load_config
+    from pipelines.dag.spec import PipelineConfig, format_plan, plan
 
     args = build_parser().parse_args(argv)
     try:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(report)
         return 0
-    from pipelines.dag_runner import PipelineRunner, format_results
+    from pipelines.dag.runner import PipelineRunner, format_results
 
     runner = PipelineRunner(config, address=args.address)
     results = runner.run(from_stage=args.from_stage)

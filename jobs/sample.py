@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.cli import add_shared_flags, config_from_flags, job_main, seeds_from_flags  # noqa: E402
-from pipelines.sampling import SampleConfig  # noqa: E402
+from pipelines.eval.sampling import SampleConfig  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> SampleConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config: SampleConfig):
-        from pipelines.sampling import run_sampling
+        from pipelines.eval.sampling import run_sampling
 
         return run_sampling(config)
 

@@ -3,7 +3,7 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
         python jobs/train_stage.py --res 512 --latents s3://bucket/latents --storage s3://bucket/runs
 
-Fields left out take the HDM recipe's value for --res (pipelines/configs.py RECIPE). --init-from auto (the
+Fields left out take the HDM recipe's value for --res (pipelines/train/config.py RECIPE). --init-from auto (the
 default) starts from the final weights of the latest run at the previous resolution of the same lineage
 (MLflow; refused if that run failed or is unfinished), resolved once and reused on relaunch;
 relaunching with the same --name resumes the stage from its last checkpoint.
@@ -18,12 +18,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
-from pipelines.configs import StageConfig  # noqa: E402
+from pipelines.train.config import TrainStageConfig
 
 
-def parse_args(argv: list[str] | None = None) -> StageConfig:
+def parse_args(argv: list[str] | None = None) -> TrainStageConfig:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="TOML file with StageConfig fields; flags override it")
+    ap.add_argument("--config", help="TOML file with TrainStageConfig fields; flags override it")
     ap.add_argument("--res", type=int, help="training resolution, px")
     ap.add_argument("--latents", help="latent dataset root (precompute output), local or s3://")
     ap.add_argument("--storage", help="checkpoint root, local or s3://; the run lives in STORAGE/NAME")
@@ -54,14 +54,14 @@ def parse_args(argv: list[str] | None = None) -> StageConfig:
     ap.add_argument("--max-failures", type=int, help="worker failures to recover from")
     ap.add_argument("--seed", type=int)
     add_shared_flags(ap)
-    return config_from_flags(StageConfig, vars(ap.parse_args(argv)), {"sample_every": "sample.every"})
+    return config_from_flags(TrainStageConfig, vars(ap.parse_args(argv)), {"sample_every": "sample.every"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    def run(config: StageConfig):
-        from pipelines.stage import run_stage
+    def run(config: TrainStageConfig):
+        from pipelines.train.stage import run_training_stage
 
-        return run_stage(config)
+        return run_training_stage(config)
 
     return job_main("train_stage", lambda: parse_args(argv), run, refusals=(LookupError, FileNotFoundError, ValueError))
 

@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
-from pipelines.configs import VAETrainConfig  # noqa: E402
+from pipelines.train.config import VAETrainConfig
 
 
 def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     def run(config: VAETrainConfig):
-        from pipelines.vae_training import run_vae_training
+        from pipelines.train.eqvae import run_vae_training
 
         return run_vae_training(config)
 

@@ -62,7 +62,7 @@ def add_shared_flags(ap: argparse.ArgumentParser, *, tracking: bool = True, runs
 def config_from_flags(model: type[Config], args: dict[str, Any], renames: dict[str, str] | None = None) -> Config:
     """A job's validated config: its `--config` (TOML path or JSON object), then the other flags on top,
     renamed to their (dotted) fields by SHARED_FLAGS and `renames`; flags left out (None) are ignored."""
-    from .configs import load_config
+    from pipelines.config import load_config
 
     names = {**SHARED_FLAGS, **(renames or {})}
     args = dict(args)

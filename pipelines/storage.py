@@ -8,7 +8,7 @@ from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
-from .configs import S3Options
+from pipelines.config import S3Options
 
 
 def resolve(uri: str, s3: S3Options = S3Options()) -> tuple[pafs.FileSystem, str]:

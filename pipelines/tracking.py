@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .secrets import redact
+from pipelines.secrets import redact
 
 STAGE_KEY = "hdm.stage_key"
 PARENT_TAG = "mlflow.parentRunId"

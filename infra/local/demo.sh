@@ -5,7 +5,7 @@
 # store (.hdm/mlflow) and the outputs (runs/demo) stay.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-config=${1:-pipelines/configs/demo.toml}
+config=${1:-pipelines/dag/configs/demo.toml}
 PY=.venv/bin/python
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 

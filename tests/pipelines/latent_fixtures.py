@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from pipelines.configs import S3Options
-from pipelines.latent_store import OUTPUT_SCHEMA, LatentWriter
+from pipelines.config import S3Options
+from pipelines.data.latent_store import OUTPUT_SCHEMA, LatentWriter
 from pipelines.storage import resolve
 
 CLASSES = {"a red square on white": 1.0, "a blue circle on black": -1.0}

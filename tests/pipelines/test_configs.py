@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from pipelines.configs import PrecomputeConfig, load_config
+from pipelines.config import load_config
+from pipelines.data.config import PrecomputeConfig
 
 
 def test_defaults_and_sorting():
@@ -47,10 +48,10 @@ def test_default_vae_matches_the_model_package_and_configs_do_not_import_torch()
     import sys
 
     from hdm_model.vae import DEFAULT_VAE as MODEL_DEFAULT
-    from pipelines.configs import DEFAULT_VAE
+    from pipelines.config import DEFAULT_VAE
 
     assert DEFAULT_VAE == MODEL_DEFAULT
-    # Ray Data's read/write workers import pipelines.precompute: torch there costs seconds of CPU per worker
-    probe = "import sys, pipelines.precompute; print('torch' in sys.modules)"
+    # Ray Data's read/write workers import pipelines.data.precompute: torch there costs seconds of CPU per worker
+    probe = "import sys, pipelines.data.precompute; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

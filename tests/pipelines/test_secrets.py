@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 from hdm_model import XUTConfig
-from pipelines.configs import StageConfig
+from pipelines.train.config import TrainStageConfig
 from pipelines.secrets import MASK, environment_secrets, redact, redact_text
 from pipelines.tracking import StageRun
-from pipelines.training import _checkpoint_meta
+from pipelines.train.worker import _checkpoint_meta
 
 FAKE_KEY = "fake-secret-123"
 DB_PASSWORD = "db-pass-456"
@@ -42,7 +42,7 @@ def test_environment_secrets_are_found_by_variable_name():
 def test_logged_params_and_checkpoint_config_hold_no_credential(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", FAKE_KEY)
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = StageConfig(res=256, latents="s3://hdm-data/latents", storage="s3://hdm-data/runs",
+    config = TrainStageConfig(res=256, latents="s3://hdm-data/latents", storage="s3://hdm-data/runs",
                          s3={"endpoint_url": f"https://user:{DB_PASSWORD}@s3.example.internal"},
                          tracking={"uri": f"https://mlflow:{DB_PASSWORD}@mlflow.example.internal",
                                    "run_name": FAKE_KEY})

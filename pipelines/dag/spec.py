@@ -1,0 +1,387 @@
+"""The pipeline DAG as data: a TOML file of stages, validated, planned, and run stage by stage as Ray jobs.
+
+    [pipeline]
+    name = "demo"                 # also the MLflow experiment unless [pipeline.tracking] says otherwise
+    storage = "runs/demo"         # every stage writes under STORAGE/STAGE/DIGEST (local path or s3://)
+
+    [stages.train-64]
+    kind = "train"                # one of KINDS: which job runs, which inputs it takes from its needs
+    needs = ["precompute"]        # its latents come from the precompute stage's output
+    params = { res = 64, steps = 300 }   # fields of the job's own config model (TrainStageConfig here)
+    plan = { throughput = 20.0 }  # samples/s per worker, for --dry-run's time estimate
+
+A stage's outputs are inputs of its dependents (the wiring in KINDS); no path is written twice. `${NAME}` in
+a string is the environment variable NAME. A stage's
+digest hashes its kind, its params and the digests of the stages it reads from, so a changed stage
+reruns with everything downstream of it, and an unchanged one is skipped when its MLflow run finished.
+This module plans; `pipelines/dag/runner.py` submits the jobs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from graphlib import CycleError, TopologicalSorter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from pipelines.config import S3Options, StrictModel, TrackingOptions, check_uri
+from pipelines.data.config import PrecomputeConfig
+from pipelines.train.config import TrainStageConfig, VAETrainConfig
+
+
+@dataclass(frozen=True)
+class Input:
+    """A config field of a stage filled from the output of a stage it needs (of kind `kind`)."""
+
+    field: str
+    kind: str
+    output: str
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of stage: the job that runs it, the job's config model, where its output goes, its inputs.
+
+    `outputs` maps each output name to the path under the stage's folder it lives at ("" = the folder);
+    `checkpoint` is the exception: a training stage's final checkpoint URI, read from its MLflow run.
+    `tracked`: the job logs to the stage's MLflow run itself (the runner passes it `tracking.*`).
+    """
+
+    job: str
+    config: str  # "module:Class", imported when needed (keeps this module light)
+    output_field: str
+    outputs: dict[str, str]
+    inputs: tuple[Input, ...] = ()
+    tracked: bool = False
+
+    def model(self) -> type[BaseModel]:
+        module, name = self.config.split(":")
+        return getattr(__import__(f"pipelines.{module}", fromlist=[name]), name)
+
+
+KINDS: dict[str, Kind] = {
+    "demo_data": Kind("jobs/make_demo_data.py", "data.demo_data:DemoDataConfig", "out",
+                      {"urls": "urls.parquet", "prompts": "heldout.txt"}),
+    "ingest": Kind("jobs/ingest.py", "data.ingest:IngestConfig", "output", {"dataset": ""},
+                   (Input("url_list", "demo_data", "urls", required=False),)),
+    "vae": Kind("jobs/train_vae.py", "train.config:VAETrainConfig", "output", {"vae": ""},
+                (Input("input", "ingest", "dataset", required=False),), tracked=True),
+    "precompute": Kind("jobs/precompute_latents.py", "data.config:PrecomputeConfig", "output", {"latents": ""},
+                       (Input("input", "ingest", "dataset", required=False), Input("vae", "vae", "vae", required=False))),
+    "train": Kind("jobs/train_stage.py", "train.config:TrainStageConfig", "storage", {"checkpoint": ""},
+                  (Input("latents", "precompute", "latents", required=False),
+                   Input("init_from", "train", "checkpoint", required=False)), tracked=True),
+    "evaluate": Kind("jobs/evaluate.py", "eval.adherence:EvaluateConfig", "out", {"report": ""},
+                     (Input("checkpoint", "train", "checkpoint"),
+                      Input("prompt_file", "demo_data", "prompts", required=False)), tracked=True),
+    "sample": Kind("jobs/sample.py", "eval.sampling:SampleConfig", "out", {"images": ""},
+                   (Input("checkpoint", "train", "checkpoint"),)),
+}
+
+
+class PlanFigures(StrictModel):
+    """Throughput figures for --dry-run's estimates (measured elsewhere, e.g. benchmarks/gpu_check.sh)."""
+
+    throughput: float | None = Field(None, gt=0)  # samples/s per worker (train, vae); images/s (ingest, precompute)
+    images: int | None = Field(None, ge=1)  # images this stage reads (default: [pipeline] images)
+
+
+class StageSpec(StrictModel):
+    kind: Literal["demo_data", "ingest", "vae", "precompute", "train", "evaluate", "sample"]
+    needs: list[str] = []
+    params: dict[str, Any] = {}
+    plan: PlanFigures = PlanFigures()
+
+
+class PipelineOptions(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: str  # root of every stage's output: local path (relative to the working directory) or s3://
+    images: int | None = Field(None, ge=1)  # dataset size, for --dry-run's estimates
+    use_gpu: bool | None = None  # GPU-hours in the plan count workers of stages that use GPUs
+    tracking: TrackingOptions = TrackingOptions()
+    s3: S3Options = S3Options()
+    # Environment variables passed from the runner's environment to every job (credentials travel this way,
+    # never in the config). Names only; missing ones are skipped.
+    forward_env: list[str] = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                              "AWS_PROFILE", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                              "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "HF_HUB_OFFLINE"]
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        return check_uri(value)
+
+
+ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: Any) -> Any:
+    """`${NAME}` in every string of a nested config replaced by the environment variable NAME (a path that
+    differs per machine, a bucket); an unset variable is an error that names it."""
+    if isinstance(value, str):
+        def sub(match: re.Match) -> str:
+            if match.group(1) not in os.environ:
+                raise ValueError(f"${{{match.group(1)}}} in {value!r}: environment variable {match.group(1)} is not set")
+            return os.environ[match.group(1)]
+        return ENV_REF.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v) for v in value]
+    return value
+
+
+class PipelineConfig(StrictModel):
+    pipeline: PipelineOptions
+    stages: dict[str, StageSpec] = Field(min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _env(cls, data: Any) -> Any:
+        return expand_env(data)
+
+    @field_validator("stages")
+    @classmethod
+    def _names(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        for name in stages:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"stage name {name!r}: use letters, digits, '-' and '_'")
+        return stages
+
+    @model_validator(mode="after")
+    def _graph(self) -> PipelineConfig:
+        for name, spec in self.stages.items():
+            for need in spec.needs:
+                if need not in self.stages:
+                    raise ValueError(f"stage {name!r} needs {need!r}, which is not a stage of this pipeline "
+                                     f"(stages: {', '.join(self.stages)})")
+        try:
+            self.order()
+        except CycleError as e:
+            raise ValueError(f"the stages' needs form a cycle: {' -> '.join(e.args[1])}") from None
+        for name in self.stages:
+            self.wiring(name)  # raises on a missing or ambiguous input
+        return self
+
+    def order(self) -> list[str]:
+        """Stages in dependency order; ties keep the file's order."""
+        sorter = TopologicalSorter({n: s.needs for n, s in self.stages.items()})
+        sorter.prepare()
+        order: list[str] = []
+        rank = {n: i for i, n in enumerate(self.stages)}
+        while sorter.is_active():
+            ready = sorted(sorter.get_ready(), key=rank.__getitem__)
+            order.extend(ready)
+            sorter.done(*ready)
+        return order
+
+    def wiring(self, name: str) -> dict[str, tuple[str, str]]:
+        """{config field: (upstream stage, its output)} for stage `name`."""
+        spec = self.stages[name]
+        kind = KINDS[spec.kind]
+        wired: dict[str, tuple[str, str]] = {}
+        for inp in kind.inputs:
+            sources = [n for n in spec.needs if self.stages[n].kind == inp.kind]
+            if len(sources) > 1:
+                raise ValueError(f"stage {name!r}: {inp.field} could come from any of {sources}; "
+                                 f"need only one stage of kind {inp.kind!r}")
+            if sources:
+                if inp.field in spec.params:
+                    raise ValueError(f"stage {name!r}: params.{inp.field} is also the output of {sources[0]!r}; "
+                                     "drop one of them")
+                wired[inp.field] = (sources[0], inp.output)
+            elif inp.required and inp.field not in spec.params:
+                raise ValueError(f"stage {name!r} (kind {spec.kind}) needs a stage of kind {inp.kind!r} "
+                                 f"(for {inp.field}) or params.{inp.field}")
+        return wired
+
+    def descendants(self, name: str) -> set[str]:
+        """`name` and every stage that depends on it, directly or not."""
+        out, todo = {name}, [name]
+        while todo:
+            current = todo.pop()
+            for n, s in self.stages.items():
+                if current in s.needs and n not in out:
+                    out.add(n)
+                    todo.append(n)
+        return out
+
+
+def storage_root(config: PipelineConfig, cwd: Path | None = None) -> str:
+    """The storage URI with a local path made absolute (jobs run in another working directory)."""
+    root = config.pipeline.storage
+    if root.startswith("s3://"):
+        return root
+    if root.startswith("file://"):
+        root = root[len("file://"):]
+    return str(((cwd or Path.cwd()) / root).resolve())
+
+
+def uri_join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+@dataclass
+class StagePlan:
+    """One stage, resolved: its digest, its output folder and the job config it gets (inputs that are
+    only known once upstream stages ran, i.e. training checkpoints, are filled in by the runner)."""
+
+    name: str
+    kind: str
+    digest: str
+    folder: str
+    params: dict[str, Any]
+    wiring: dict[str, tuple[str, str]]
+    needs: list[str] = field(default_factory=list)
+
+    @property
+    def stage_key(self) -> str:
+        return f"{self.name}/{self.digest[:12]}"
+
+    def outputs(self) -> dict[str, str]:
+        """Outputs known before the stage runs (everything but a training checkpoint)."""
+        return {k: uri_join(self.folder, rel) if rel else self.folder
+                for k, rel in KINDS[self.kind].outputs.items() if k != "checkpoint"}
+
+
+def _canonical(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def plan(config: PipelineConfig, cwd: Path | None = None) -> list[StagePlan]:
+    """Every stage in order with its digest and folder."""
+    root = storage_root(config, cwd)
+    digests: dict[str, str] = {}
+    plans: list[StagePlan] = []
+    for name in config.order():
+        spec = config.stages[name]
+        wiring = config.wiring(name)
+        upstream = {f: f"{src}@{digests[src]}:{out}" for f, (src, out) in sorted(wiring.items())}
+        digest = hashlib.sha256(_canonical({"kind": spec.kind, "params": spec.params, "inputs": upstream,
+                                            "s3": config.pipeline.s3.model_dump()}).encode()).hexdigest()
+        digests[name] = digest
+        plans.append(StagePlan(name, spec.kind, digest, uri_join(root, name, digest[:12]), dict(spec.params), wiring,
+                               list(spec.needs)))
+    return plans
+
+
+def job_config(config: PipelineConfig, stage: StagePlan, upstream_outputs: dict[str, dict[str, str]], *,
+               tracking_uri: str | None, parent_run_id: str | None) -> dict[str, Any]:
+    """The config a stage's job gets: its params, its wired inputs, its output folder, shared options."""
+    kind = KINDS[stage.kind]
+    data = dict(stage.params)
+    for field_name, (source, output) in stage.wiring.items():
+        data[field_name] = upstream_outputs[source][output]
+    if stage.kind == "train":
+        data.setdefault("init_from", "none")  # a first stage starts fresh; later ones are wired above
+        data["storage"], data["name"] = stage.folder.rsplit("/", 1)[0], stage.digest[:12]  # run dir = folder
+    else:
+        data[kind.output_field] = stage.folder
+    model = kind.model()
+    if "s3" in model.model_fields:
+        data["s3"] = {**config.pipeline.s3.model_dump(exclude_none=True), **data.get("s3", {})}
+    if kind.tracked:
+        data["tracking"] = {**data.get("tracking", {}), "uri": tracking_uri, "experiment": experiment(config),
+                            "parent_run_id": parent_run_id, "stage_key": stage.stage_key, "run_name": stage.name}
+    return data
+
+
+def experiment(config: PipelineConfig) -> str:
+    tracking = config.pipeline.tracking
+    return tracking.experiment if "experiment" in tracking.model_fields_set else config.pipeline.name
+
+
+def validate_stage(config: PipelineConfig, stage: StagePlan) -> BaseModel:
+    """The stage's job config, validated by the job's own model, with placeholders for upstream outputs."""
+    placeholders = {s: {o: uri_join(storage_root(config), s, "<output>") for o in KINDS[config.stages[s].kind].outputs}
+                    for s in config.stages}
+    data = job_config(config, stage, placeholders, tracking_uri=None, parent_run_id=None)
+    try:
+        return KINDS[stage.kind].model().model_validate(data)
+    except ValidationError as e:
+        raise ValueError(f"stage {stage.name!r} (kind {stage.kind}, {KINDS[stage.kind].job}): "
+                         f"invalid params:\n{e}") from None
+
+
+# --- --dry-run estimates -------------------------------------------------------------------------------
+
+LATENT_BYTES_PER_CELL = 4 * 2  # 4 channels, fp16 (an f8c4 VAE: EQ-SDXL-VAE and the tiny configs)
+
+
+def estimate(config: PipelineConfig, stage: StagePlan, job: BaseModel) -> dict[str, Any]:
+    """What --dry-run prints for a stage: work, storage, time and worker-hours where figures allow."""
+    spec = config.stages[stage.name]
+    figures = spec.plan
+    images = figures.images or config.pipeline.images
+    out: dict[str, Any] = {}
+    if isinstance(job, (TrainStageConfig, VAETrainConfig)):  # both train on Ray Train: workers x batch [x accum]
+        workers = job.workers or (4 if config.pipeline.use_gpu else 2)
+        accum = getattr(job, "grad_accum", 1)
+        samples = job.steps * job.batch_size * accum * workers
+        out.update(steps=job.steps, workers=workers, samples=samples,
+                   batch=f"{workers} x {job.batch_size} x {accum} accum")
+        if images and isinstance(job, TrainStageConfig):
+            out["epochs"] = samples / images
+        if figures.throughput:
+            hours = samples / (figures.throughput * workers) / 3600
+            out.update(hours=hours, worker_hours=hours * workers)
+    elif isinstance(job, PrecomputeConfig):
+        if images:
+            copies = 2 if job.store_std else 1
+            out["storage"] = {r: images * (r // 8) ** 2 * LATENT_BYTES_PER_CELL * copies for r in job.resolutions}
+            if figures.throughput:
+                out["hours"] = images * len(job.resolutions) / figures.throughput / 3600
+    elif images and figures.throughput:
+        out["hours"] = images / figures.throughput / 3600
+    return out
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_plan(config: PipelineConfig, stages: list[StagePlan]) -> str:
+    """The --dry-run report: stages in order, what each does and costs, totals."""
+    lines = [f"pipeline {config.pipeline.name}: {len(stages)} stages, storage {storage_root(config)}, "
+             f"MLflow experiment {experiment(config)!r}"]
+    total_hours = total_worker_hours = 0.0
+    known = True
+    for i, stage in enumerate(stages, 1):
+        job = validate_stage(config, stage)
+        est = estimate(config, stage, job)
+        needs = ", ".join(stage.needs) or "-"
+        lines.append(f"{i:2d}. {stage.name} [{stage.kind}: {KINDS[stage.kind].job}] needs {needs}")
+        lines.append(f"      output {stage.folder}")
+        details = []
+        if "steps" in est:
+            details.append(f"{est['steps']:,} steps, {est['samples']:,} samples ({est['batch']})")
+        if "epochs" in est:
+            details.append(f"{est['epochs']:.2f} epochs")
+        if "storage" in est:
+            details.append("latents " + ", ".join(f"{r} px {_size(b)}" for r, b in est["storage"].items())
+                           + " (square images, fp16)")
+        if "hours" in est:
+            details.append(f"about {est['hours']:.2f} h")
+            total_hours += est["hours"]
+        elif stage.kind in ("train", "vae", "precompute"):
+            known = False
+        if "worker_hours" in est:
+            details.append(f"{est['worker_hours']:.1f} {'GPU' if config.pipeline.use_gpu else 'worker'}-hours")
+            total_worker_hours += est["worker_hours"]
+        if details:
+            lines.append("      " + "; ".join(details))
+    unit = "GPU" if config.pipeline.use_gpu else "worker"
+    lines.append(f"total: about {total_hours:.1f} h, {total_worker_hours:.1f} {unit}-hours"
+                 + ("" if known else " (stages without plan.throughput not counted)"))
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.data.latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, check_manifest, count_rows,
+                                    done_keys)
+from pipelines.data.sources import Unit, list_units, read_unit
+
+FS = pafs.LocalFileSystem()
+
+
+def _rows(*specs):
+    rows = []
+    for kind, key, res, reason in specs:
+        rows.append({"kind": kind, "key": key, "res": res, "reason": reason, "stage": "decode" if reason else None,
+                     "latent": b"\x00\x00" * 4 if kind == "latent" else None,
+                     "latent_shape": [1, 2, 2] if kind == "latent" else None})
+    return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+
+
+def test_writer_splits_by_resolution_and_done_keys_include_errors(tmp_path):
+    root = str(tmp_path)
+    stats = LatentWriter(FS, root).write(_rows(("latent", "a", 256, None), ("latent", "a", 512, None),
+                                               ("latent", "b", 256, None), ("error", "c", None, "not_an_image"),
+                                               ("error", "b", 512, "too_small: short side")))
+    assert stats["rows"] == {256: 2, 512: 1}
+    assert stats["errors"] == {"not_an_image": 1, "too_small: short side": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors", "res=256", "res=512"]
+    done = done_keys(FS, root, [256, 512, 768])
+    assert done == {256: {"a", "b", "c"}, 512: {"a", "b", "c"}, 768: {"c"}}
+    assert count_rows(FS, root, [256, 512]) == {"rows": {"256": 2, "512": 1}, "errors": 2,
+                                               "errors_by_reason": {"not_an_image": 1, "too_small": 1}}
+    assert not any(p.name.startswith(".tmp") for p in tmp_path.rglob("*"))  # atomic writes leave nothing
+
+
+def test_manifest_mismatch_lists_every_difference():
+    stored = {"vae": "a", "vae_config_sha256": "1", "latent_mean": [0], "latent_std": [1], "transform": {"x": 1},
+              "store_std": True}
+    check_manifest(stored, dict(stored))
+    with pytest.raises(ManifestMismatch) as info:
+        check_manifest(stored, {**stored, "vae_config_sha256": "2", "transform": {"x": 2}})
+    assert "vae_config_sha256" in str(info.value) and "transform" in str(info.value)
+
+
+def test_folder_units_with_sidecars_and_nesting(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "a.txt").write_text("caption a\n")
+    (tmp_path / "sub" / "b.PNG").write_bytes(b"y")
+    (tmp_path / "notes.md").write_text("ignored")
+    (tmp_path / ".hidden.jpg").write_bytes(b"z")
+    fmt, units = list_units(FS, str(tmp_path))
+    assert fmt == "folder" and [u.key for u in units] == ["a.jpg", "sub/b.PNG"]
+    (row,) = read_unit(FS, units[0])
+    assert row["caption"] == "caption a" and row["caption_source"] == "sidecar" and row["data"] == b"x"
+    (row,) = read_unit(FS, units[1])
+    assert row["caption"] == "" and row["caption_source"] == "none"
+
+
+def test_img2dataset_parquet_rows_and_failures(tmp_path):
+    pq.write_table(pa.Table.from_pylist([
+        {"key": "000", "jpg": b"img", "txt": "cap", "status": "success", "error_message": None, "url": "http://x/0"},
+        {"key": "001", "jpg": None, "txt": None, "status": "failed_to_download", "error_message": "404",
+         "url": "http://x/1"},
+    ]), tmp_path / "00000.parquet")
+    fmt, units = list_units(FS, str(tmp_path))
+    assert fmt == "parquet"
+    ok, failed = list(read_unit(FS, units[0]))
+    assert ok["kind"] == "item" and ok["key"] == "000" and ok["caption"] == "cap" and ok["source"] == "http://x/0"
+    assert failed["kind"] == "error" and failed["stage"] == "input" and failed["reason"] == "failed_to_download: 404"
+
+
+def test_webdataset_tar_and_unreadable_shard(tmp_path):
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in [("000.jpg", b"img0"), ("000.txt", b"cap0"), ("000.json", json.dumps({"url": "u0"}).encode()),
+                           ("001.png", b"img1")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "00001.tar").write_bytes(b"\x01" * 100)
+    fmt, units = list_units(FS, str(tmp_path))
+    assert fmt == "webdataset" and len(units) == 2
+    rows = list(read_unit(FS, units[0]))
+    assert [(r["key"], r["data"], r["caption"], r["source"]) for r in rows] == [
+        ("000", b"img0", "cap0", "u0"), ("001", b"img1", "", f"{units[0].path}#001")]
+    (broken,) = read_unit(FS, units[1])
+    assert broken["kind"] == "error" and broken["reason"].startswith("unreadable_shard")
+
+
+def test_missing_input_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_units(FS, str(tmp_path / "nope"))
+    (row,) = read_unit(FS, Unit("zip", "x"))  # whatever goes wrong with a unit becomes its error row
+    assert row["kind"] == "error" and "unknown unit kind" in row["reason"]

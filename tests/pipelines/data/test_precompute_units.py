@@ -1,0 +1,48 @@
+"""Unit checks of the precompute job's planning and of how a CPU encoder sizes its threads (no cluster)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipelines.cluster import CoreShare, cpu_marks
+from pipelines.data.precompute import default_encoders
+
+
+@pytest.mark.parametrize(("resources", "gpus", "captioners", "blocks", "expected"), [
+    ({"CPU": 2.0}, 0.0, 0, 100, 2),  # one per core
+    ({"CPU": 2.0}, 0.0, 0, 1, 1),  # one img2dataset shard is one block: one encoder can work on it
+    ({"CPU": 8.0}, 0.0, 2, 100, 6),  # cores left by CPU captioners
+    ({"CPU": 1.0}, 0.0, 2, 100, 1),  # never none
+    ({"CPU": 16.0, "GPU": 4.0}, 1.0, 0, 100, 4),  # one per GPU
+    ({"CPU": 16.0, "GPU": 4.0}, 0.5, 0, 100, 8),
+    ({"CPU": 16.0, "GPU": 4.0}, 1.0, 0, 3, 3),
+])
+def test_default_encoders(resources, gpus, captioners, blocks, expected):
+    assert default_encoders(resources, gpus, cpu_captioners=captioners, blocks=blocks) == expected
+
+
+def test_core_share_takes_the_cores_the_rest_of_the_node_leaves_idle():
+    # (seconds, node busy CPU-seconds, this process's CPU-seconds) as /proc/stat and process_time would give them
+    marks = iter([(0, 0, 0),
+                  (10, 20, 10),  # the other encoder kept the second core busy: 1 thread
+                  (20, 32, 20),  # it ran out of work (0.2 cores of Ray's own processes left): both cores
+                  (20.5, 33, 20.5),  # too short a window to tell: unchanged
+                  (30, 52, 37),  # still alone (on 2 threads it used 1.7 cores): stays on 2
+                  (40, 72, 48),  # the other is back: 1
+                  None])  # /proc/stat unreadable: unchanged
+    share = CoreShare(start=1, marks=lambda: next(marks), cores=2)
+    assert [share.update() for _ in range(6)] == [1, 2, 2, 2, 1, 1]
+    assert CoreShare(start=3, marks=lambda: None, cores=8).update() == 3
+
+
+def test_cpu_marks_count_this_process_within_the_node():
+    before = cpu_marks()
+    t = time.process_time()
+    while time.process_time() - t < 0.3:
+        pass
+    after = cpu_marks()
+    wall, busy, mine = (a - b for a, b in zip(after, before))
+    assert mine >= 0.29 and wall >= mine * 0.9
+    assert busy >= mine - 0.05  # the node's busy time includes ours (to a clock tick)
