@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,8 +19,6 @@ from .config import XUTConfig
 from .layers import Block, BlockContext, SharedAdaLN, TimestepEmbedding
 from .positions import make_axial_pos, resize_pos_map
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 
 
 class XUTBackbone(nn.Module):
@@ -141,28 +138,23 @@ class XUTDenoiser(nn.Module):
     # -- persistence ---------------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write `model.safetensors` (our key names) and `config.json` ({"model": config})."""
-        from safetensors.torch import save_file
+        """Write the weights and config.json: a checkpoint directory (hdm_model.checkpoint) without the text
+        encoder, VAE and training state a training stage adds."""
+        from . import checkpoint
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps({"model": self.config.to_dict()}, indent=2))
-        return directory
+        return checkpoint.save(directory, weights=self.state_dict(), meta=checkpoint.CheckpointMeta(model=self.config))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu",
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: torch.device | str = "cpu", ema: bool = False,
                         **overrides) -> XUTDenoiser:
-        """Load a directory written by `save_pretrained` (or a training checkpoint: same two files)."""
-        from safetensors.torch import load_file
+        """Load a checkpoint directory (`save_pretrained`'s or a training stage's); with `ema`, its EMA weights
+        where it has them. `overrides` replace config fields that do not change the weights (e.g. tread_rate)."""
+        from . import checkpoint
 
-        directory = Path(directory)
-        meta = json.loads((directory / CONFIG_NAME).read_text())
-        config = XUTConfig.from_dict(meta["model"]).replace(**overrides)
+        config = checkpoint.read_meta(directory).model.replace(**overrides)
         with torch.device("meta"):
             model = cls(config)
-        model.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(device)), assign=True)
+        model.load_state_dict(checkpoint.load_weights(directory, ema=ema, device=device), assign=True)
         return model
 
 

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from .checkpoint import list_names
 from .config import OFFICIAL_XUT_BASE_ARCH, XUTConfig
 from .denoiser import XUTDenoiser
 from .layers import timestep_freqs
@@ -136,11 +137,6 @@ def official_arch(config: XUTConfig) -> dict[str, Any]:
               "tread_config": {"dropout_ratio": config.tread_rate, "prev_trns_depth": config.pre_blocks,
                                "post_trns_depth": config.post_blocks}}
     return {name: values[name] for name in TRANSFORMER_ARGS}
-
-
-def _names(keys: list[str], limit: int = 12) -> str:
-    shown = ", ".join(sorted(keys)[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,8 +287,8 @@ def official_to_ours(state: Mapping[str, Tensor] | OfficialWeights, config: XUTC
     missing = [k for k in mapping if k not in denoiser]
     unexpected = [k for k in denoiser if k not in mapping]
     if missing or unexpected:
-        parts = [f"missing keys: {_names(missing)}" if missing else "",
-                 f"unexpected keys: {_names(unexpected)}" if unexpected else ""]
+        parts = [f"missing keys: {list_names(missing)}" if missing else "",
+                 f"unexpected keys: {list_names(unexpected)}" if unexpected else ""]
         raise KeyError("official HDM weights do not match the arch: " + "; ".join(p for p in parts if p))
     check_time_table(denoiser[TIME_TABLE], config.dim)
     return {ours: denoiser[theirs] for theirs, ours in mapping.items() if ours is not None}
@@ -333,7 +329,7 @@ def denoiser_state_from_release(source: str | os.PathLike | Mapping[str, Tensor]
     wrong = [f"{k}: {tuple(v.shape)} != {tuple(expected[k].shape)}" for k, v in state.items()
              if v.shape != expected[k].shape]
     if wrong:
-        raise ValueError(f"official HDM weights of {weights.source} have wrong shapes for the arch: {_names(wrong)}")
+        raise ValueError(f"official HDM weights of {weights.source} have wrong shapes for the arch: {list_names(wrong)}")
     return state
 
 

@@ -32,10 +32,11 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .config import XUTConfig
-from .denoiser import CONFIG_NAME, WEIGHTS_NAME, XUTDenoiser
+from . import checkpoint
+from .checkpoint import check_state_keys
+from .denoiser import XUTDenoiser
 from .flow import LATENT_SCALE, SamplerConfig, latent_size, sample
-from .official import (TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, VAE_PREFIX, OfficialWeights, _names,
+from .official import (TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, VAE_PREFIX, OfficialWeights,
                        load_official_hdm, read_official)
 from .positions import Camera
 from .text_encoder import DEFAULT_TEXT_ENCODER, TextEncoder, default_dtype
@@ -44,7 +45,6 @@ from .vae import LatentVAE
 if TYPE_CHECKING:
     from PIL import Image
 
-EMA_WEIGHTS_NAME = "ema.safetensors"  # a checkpoint's EMA of its weights (pipelines/training.py writes it)
 PARAMETERS_KEY = "parameters"  # PNG text chunk (and PIL `info` key) holding the generation parameters
 
 # KBlueLeaf/EQ-SDXL-VAE (hdm_spec 7): the SDXL VAE architecture with per-channel latent statistics. The
@@ -97,20 +97,19 @@ class HDMPipeline:
         dtype None: float16 on GPU, float32 elsewhere.
         """
         directory = Path(path)
-        meta = _read_checkpoint_config(directory)
-        te_meta = meta.get("text_encoder") or {}
-        if text_encoder is None and "id" not in te_meta:
-            raise ValueError(f"{directory / CONFIG_NAME} names no text encoder (text_encoder.id): pass text_encoder=")
-        if vae is None and not meta.get("vae"):
-            raise ValueError(f"{directory / CONFIG_NAME} names no VAE (\"vae\"): pass vae= (a hub id or a path "
+        meta = checkpoint.read_meta(directory)
+        if text_encoder is None and meta.text_encoder is None:
+            raise ValueError(f"{directory / checkpoint.META} names no text encoder (text_encoder.id): pass text_encoder=")
+        if vae is None and meta.vae is None:
+            raise ValueError(f"{directory / checkpoint.META} names no VAE (\"vae\"): pass vae= (a hub id or a path "
                              "of a diffusers AutoencoderKL)")
         dtype = dtype or default_dtype(device)
         denoiser = load_checkpoint_denoiser(directory, device=device, dtype=dtype, ema=ema)
         if not isinstance(text_encoder, TextEncoder):
-            text_encoder = TextEncoder.from_pretrained(os.fspath(text_encoder or te_meta["id"]), device=device,
-                                                       dtype=dtype, max_length=te_meta.get("max_length", 256))
+            text_encoder = TextEncoder.from_pretrained(os.fspath(text_encoder or meta.text_encoder), device=device,
+                                                       dtype=dtype, max_length=meta.max_length)
         if not isinstance(vae, LatentVAE):
-            vae = LatentVAE.from_pretrained(os.fspath(vae or meta["vae"]), device=device, dtype=dtype)
+            vae = LatentVAE.from_pretrained(os.fspath(vae or meta.vae), device=device, dtype=dtype)
         return cls(denoiser, text_encoder, vae, source=str(directory))
 
     @classmethod
@@ -202,39 +201,12 @@ class HDMPipeline:
 # ---------------------------------------------------------------------------------------------------
 # Loading
 
-def _read_checkpoint_config(directory: Path) -> dict[str, Any]:
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a checkpoint directory: no {name}")
-    meta = json.loads((directory / CONFIG_NAME).read_text())
-    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
-        raise ValueError(f"{directory / CONFIG_NAME} has no \"model\" section (the XUTConfig of the weights)")
-    return meta
-
-
 def load_checkpoint_denoiser(directory: str | os.PathLike, *, device: torch.device | str = "cpu",
                              dtype: torch.dtype | None = None, ema: bool = False) -> XUTDenoiser:
-    """The denoiser of a checkpoint directory, after checking its tensors against its config: a file of
-    another architecture is refused with the missing, unexpected and wrongly shaped keys named. With `ema`,
-    the EMA weights (`ema.safetensors`) replace the trained ones where the checkpoint has them."""
-    from safetensors import safe_open
-
-    directory = Path(directory)
-    meta = _read_checkpoint_config(directory)
-    try:
-        config = XUTConfig.from_dict(meta["model"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{directory / CONFIG_NAME}: the \"model\" section is not an XUTConfig: {e}") from e
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in XUTDenoiser(config).state_dict().items()}
-    with safe_open(directory / WEIGHTS_NAME, framework="pt") as f:
-        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    check_state_keys(found, expected, what=f"{directory / WEIGHTS_NAME} (against the \"model\" of its {CONFIG_NAME})")
-    model = XUTDenoiser.from_pretrained(directory, device=device)
-    if ema and (directory / EMA_WEIGHTS_NAME).exists():
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(directory / EMA_WEIGHTS_NAME, device=str(device)))
+    """The denoiser of a checkpoint directory, after checking its tensors against its config (checkpoint.verify).
+    With `ema`, the EMA weights (`ema.safetensors`) replace the trained ones where the checkpoint has them."""
+    checkpoint.verify(directory)
+    model = XUTDenoiser.from_pretrained(directory, device=device, ema=ema)
     return model.to(dtype=dtype) if dtype is not None else model
 
 
@@ -278,18 +250,6 @@ def official_text_encoder(text_encoder: str | os.PathLike | None, weights: Offic
 
     model = AutoModel.from_pretrained(model_dir, dtype=dtype or default_dtype(device))
     return TextEncoder(model.to(device), AutoTokenizer.from_pretrained(tokenizer_dir))
-
-
-def check_state_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], *,
-                     what: str) -> None:
-    """Raise a ValueError naming every missing, unexpected or wrongly shaped tensor ({name: shape} maps)."""
-    missing = [k for k in expected if k not in found]
-    unexpected = [k for k in found if k not in expected]
-    wrong = [f"{k} {found[k]} != {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{label}: {_names(keys)}" for label, keys in
-                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
-        raise ValueError(f"{what} does not match the architecture: " + "; ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------------

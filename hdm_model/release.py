@@ -146,7 +146,8 @@ def export_checkpoint(directory: str | os.PathLike, output: str | os.PathLike, *
     ema: the EMA weights where the checkpoint has them. vae / text_encoder: local paths or hub ids of a
     diffusers AutoencoderKL / a transformers encoder to ship with it (None: leave out).
     """
-    from .pipeline import EMA_WEIGHTS_NAME, load_checkpoint_denoiser
+    from .checkpoint import has_ema
+    from .pipeline import load_checkpoint_denoiser
     from .text_encoder import TextEncoder
 
     directory = Path(directory)
@@ -156,7 +157,7 @@ def export_checkpoint(directory: str | os.PathLike, output: str | os.PathLike, *
                if text_encoder is not None else None)
     path = save_official_hdm(model, output, vae=latent_vae, layout=layout, text_encoder=encoder)
     summary = ExportSummary(path=str(path), layout=layout, source=str(directory),
-                            ema=ema and (directory / EMA_WEIGHTS_NAME).exists())
+                            ema=ema and has_ema(directory))
     for file in sorted([path] if path.is_file() else path.rglob("*.safetensors")):
         summary.files[str(file.relative_to(path.parent if path.is_file() else path))] = _count(file)
     return summary

@@ -11,7 +11,6 @@ VAE goes with them (--no-vae: left out), and, in the diffusers layout, its text 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -59,20 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def export(config: ExportConfig):
     from hdm_model.release import export_checkpoint
-    from pipelines.eval.sampling import CHECKPOINT_FILES, OPTIONAL_FILES, checkpoint_of_run, local_copy
+    from hdm_model import checkpoint
+    from pipelines.eval.sampling import checkpoint_of_run
+    from pipelines.storage import download
 
     uri = config.checkpoint or checkpoint_of_run(config)
     with tempfile.TemporaryDirectory(prefix="hdm-export-") as scratch:  # copies of s3:// inputs
-        directory = local_copy(uri, Path(scratch), config.s3, files=CHECKPOINT_FILES, optional=OPTIONAL_FILES)
-        meta = json.loads((Path(directory) / "config.json").read_text())
-        vae, te = meta.get("vae"), meta.get("text_encoder") or {}
-        if config.vae and not vae:
+        directory = download(uri, Path(scratch), config.s3, files=checkpoint.SAMPLING_FILES,
+                             optional=checkpoint.SAMPLING_OPTIONAL)
+        meta = checkpoint.read_meta(directory)
+        if config.vae and not meta.vae:
             raise ValueError(f"{uri}: its config.json names no VAE; pass --no-vae to export without one")
-        copy = lambda ref: local_copy(ref, Path(scratch), config.s3) if ref else None  # noqa: E731
+        copy = lambda ref: download(ref, Path(scratch), config.s3) if ref else None  # noqa: E731
         summary = export_checkpoint(directory, config.output, layout=config.layout, ema=config.ema,
-                                    vae=copy(vae) if config.vae else None,
-                                    text_encoder=copy(te.get("id")) if config.layout == "diffusers" else None,
-                                    max_length=te.get("max_length", 256))
+                                    vae=copy(meta.vae) if config.vae else None,
+                                    text_encoder=copy(meta.text_encoder) if config.layout == "diffusers" else None,
+                                    max_length=meta.max_length)
     summary.source = uri if not config.run_id else f"{uri} (MLflow run {config.run_id})"
     return summary
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
-from pathlib import PurePosixPath
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
 
 import pyarrow.fs as pafs
 
@@ -69,3 +72,45 @@ def write_bytes_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
     with fs.open_output_stream(tmp) as f:
         f.write(data)
     fs.move(tmp, path)
+
+
+# --- between local paths and s3:// -----------------------------------------------------------------------
+
+def download(uri: str, scratch: Path, s3: S3Options = S3Options(), *, files: tuple[str, ...] | None = None,
+             optional: tuple[str, ...] = ()) -> str:
+    """A local path for `uri`: `uri` itself when it is not s3:// (a local path, file:// stripped, or a hub
+    id); else a copy under `scratch` of the object, of the whole prefix, or of just `files` (and those of
+    `optional` that exist) under the prefix. A missing object or file is refused before anything is copied."""
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    if not uri.startswith("s3://"):
+        return uri
+    fs, path = resolve(uri, s3)
+    if not exists(fs, path):
+        raise FileNotFoundError(f"nothing at {uri}")
+    dest = Path(scratch) / f"{sum(1 for _ in Path(scratch).iterdir())}-{PurePosixPath(path).name}"
+    local = pafs.LocalFileSystem()
+    if files is None:
+        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=local)
+        return str(dest)
+    missing = [name for name in files if not exists(fs, join(path, name))]
+    if missing:
+        raise FileNotFoundError(f"{uri} is not a checkpoint: no {missing[0]}")
+    dest.mkdir(parents=True)
+    for name in (*files, *(n for n in optional if exists(fs, join(path, n)))):
+        pafs.copy_files(join(path, name), str(dest / name), source_filesystem=fs, destination_filesystem=local)
+    return str(dest)
+
+
+@contextmanager
+def local_path(uri: str, s3: S3Options = S3Options()) -> Iterator[str]:
+    """`download` into a temporary directory removed on exit (nothing is copied for a local path)."""
+    with tempfile.TemporaryDirectory(prefix="hdm-download-") as scratch:
+        yield download(uri, Path(scratch), s3)
+
+
+def upload(local_dir: str | os.PathLike, uri: str, s3: S3Options = S3Options()) -> None:
+    """Copy the files of `local_dir` under `uri` (a local path or s3://), creating it."""
+    fs, path = resolve(uri, s3)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(os.fspath(local_dir), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

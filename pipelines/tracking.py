@@ -17,15 +17,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipelines.config import TrackingOptions
 from pipelines.secrets import redact
 
-STAGE_KEY = "hdm.stage_key"
+# Every tag name the jobs set or read, defined here only.
+STAGE_KEY = "hdm.stage_key"  # finds a stage's run again when it restarts
 PARENT_TAG = "mlflow.parentRunId"
+STAGE_TAG = "hdm.stage"  # which job made the run: STAGE_TRAIN, STAGE_VAE, STAGE_EVALUATE
+STAGE_TRAIN, STAGE_VAE, STAGE_EVALUATE = "train", "train-vae", "evaluate"
 # A training stage's lineage: its resolution, model preset and text encoder (what `--init-from auto` matches
 # on), the weights it started from and the run that made them, and its final checkpoint URI.
 RES_TAG, MODEL_TAG, TEXT_ENCODER_TAG = "hdm.res", "hdm.model", "hdm.text_encoder"
 INIT_FROM_TAG, PREV_RUN_TAG, CHECKPOINT_TAG = "hdm.init_from", "hdm.prev_run", "hdm.checkpoint"
 INIT_REQUEST_TAG = "hdm.init_from_requested"  # the --init-from value the recorded source was resolved from
+LATENTS_TAG, LATENTS_DIGEST_TAG = "hdm.latents", "hdm.latents_digest"  # the latent set a stage trained on
+INIT_WEIGHTS_TAG = "hdm.init_weights_sha256"  # sha256 of the starting weights (a fresh start records none)
+FINAL_WEIGHTS_TAG = "hdm.final_weights_sha256"
+RESUMED_AT_TAG = "hdm.resumed_at_step"  # the step a relaunched training stage resumed from
+INPUT_TAG, VAE_OUTPUT_TAG = "hdm.input", "hdm.output"  # the EQ-VAE job's images and its saved VAE
+EVALUATED_TAG = "hdm.evaluated"  # the checkpoint an evaluate stage scored
+# Set by the DAG runner on each stage's run (the jobs set their own tags above).
+DAG_STAGE_TAG, DAG_KIND_TAG, DAG_DIGEST_TAG = "hdm.dag.stage", "hdm.dag.kind", "hdm.dag.digest"
+DAG_DONE_TAG = "hdm.dag.done"  # the digest of the config the stage finished with
+DAG_ERROR_TAG = "hdm.dag.error"
+DAG_OUTPUT_TAG = "hdm.output."  # + output name: a URI a dependent stage reads
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -81,6 +96,15 @@ class StageRun:
         else:
             run_id = client.create_run(exp_id, tags=all_tags, run_name=run_name).info.run_id
         return cls(client, run_id)
+
+    @classmethod
+    def for_job(cls, tracking: TrackingOptions, *, default_key: str, default_name: str,
+                tags: Mapping[str, Any]) -> StageRun:
+        """A job's own stage run: `open` with the job's tracking options, where the DAG's stage key and run
+        name (when a DAG runs the job) win over the job's defaults."""
+        return cls.open(tracking_uri=tracking.resolved_uri(), experiment=tracking.experiment,
+                        stage_key=tracking.stage_key or default_key, run_name=tracking.run_name or default_name,
+                        parent_run_id=tracking.parent_run_id, tags=tags)
 
     @classmethod
     def attach(cls, *, tracking_uri: str | None, run_id: str | None) -> StageRun:
@@ -162,6 +186,30 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     if not tracking_uri.startswith("sqlite:///"):
         return None
     return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts" / experiment).as_uri()
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A run as a search returns it: enough to choose among runs and say which was chosen."""
+
+    run_id: str
+    name: str
+    status: str
+    tags: dict[str, str]
+
+
+def search_runs(tracking_uri: str, *, experiment: str, tags: Mapping[str, str]) -> list[RunRecord]:
+    """The runs of `experiment` carrying every tag of `tags` with that value, newest start first (none when
+    the experiment does not exist)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=5000)
+    return [RunRecord(r.info.run_id, r.info.run_name, r.info.status, dict(r.data.tags)) for r in runs]
 
 
 def checkpoint_uri_of_run(tracking_uri: str, run_id: str, *, tag: str = CHECKPOINT_TAG) -> str:

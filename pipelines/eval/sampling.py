@@ -1,9 +1,8 @@
 """jobs/sample.py's library side: find the weights (a checkpoint directory, local or s3://, an MLflow run's
 final checkpoint, or a released HDM file), build an `HDMPipeline`, write PNGs with their parameters.
 
-Checkpoint contract (what a training stage writes; hdm_model.pipeline reads it): a directory with
-`model.safetensors` and `config.json` = {"model", "text_encoder": {"id", "max_length"}, "vae", "stage"}.
-Text-encoder and VAE ids there may be hub ids, local paths or s3:// URIs (copied locally first).
+A checkpoint is read through hdm_model.checkpoint (its format's owner). The text-encoder and VAE ids it
+records may be hub ids, local paths or s3:// URIs (copied locally first).
 """
 
 from __future__ import annotations
@@ -11,21 +10,16 @@ from __future__ import annotations
 import json
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Literal
 
-import pyarrow.fs as pafs
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from hdm_model import Camera, HDMPipeline, make_grid, save_png
-from hdm_model.pipeline import EMA_WEIGHTS_NAME
+from hdm_model import Camera, HDMPipeline, checkpoint, make_grid, save_png
 
 from pipelines.config import S3Options, StrictModel, TrackingOptions
-from pipelines.storage import exists, join, resolve
-
-CHECKPOINT_FILES = ("config.json", "model.safetensors")  # what sampling needs of a checkpoint (not the optimizer)
-OPTIONAL_FILES = (EMA_WEIGHTS_NAME,)  # copied too where the checkpoint has them
+from pipelines.storage import download
 
 
 class SampleConfig(StrictModel):
@@ -107,21 +101,21 @@ def load_pipeline(config: SampleConfig, scratch: Path) -> HDMPipeline:
     """The HDMPipeline of the config's source; s3:// inputs are copied under `scratch`."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, config.dtype) if config.dtype else None
-    text_encoder = local_copy(config.text_encoder, scratch, config.s3) if config.text_encoder else None
-    vae = local_copy(config.vae, scratch, config.s3) if config.vae else None
+    text_encoder = download(config.text_encoder, scratch, config.s3) if config.text_encoder else None
+    vae = download(config.vae, scratch, config.s3) if config.vae else None
     if config.official:
-        pipe = HDMPipeline.from_official(local_copy(config.official, scratch, config.s3), device=device, dtype=dtype,
+        pipe = HDMPipeline.from_official(download(config.official, scratch, config.s3), device=device, dtype=dtype,
                                          text_encoder=text_encoder, vae=vae)
         pipe.source = config.official
         return pipe
     uri = config.checkpoint or checkpoint_of_run(config)
-    directory = Path(local_copy(uri, scratch, config.s3, files=CHECKPOINT_FILES, optional=OPTIONAL_FILES))
-    meta = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
-    te_id, vae_id = (meta.get("text_encoder") or {}).get("id"), meta.get("vae")
+    directory = Path(download(uri, scratch, config.s3, files=checkpoint.SAMPLING_FILES,
+                              optional=checkpoint.SAMPLING_OPTIONAL))
+    meta = checkpoint.read_meta(directory)
     pipe = HDMPipeline.from_checkpoint(
         directory, device=device, dtype=dtype,
-        text_encoder=text_encoder or (local_copy(te_id, scratch, config.s3) if te_id else None),
-        vae=vae or (local_copy(vae_id, scratch, config.s3) if vae_id else None))
+        text_encoder=text_encoder or (download(meta.text_encoder, scratch, config.s3) if meta.text_encoder else None),
+        vae=vae or (download(meta.vae, scratch, config.s3) if meta.vae else None))
     pipe.source = uri if not config.run_id else f"{uri} (MLflow run {config.run_id})"
     return pipe
 
@@ -133,29 +127,3 @@ def checkpoint_of_run(config: SampleConfig) -> str:
     if not tracking_uri:
         raise ValueError("run_id needs an MLflow tracking URI (--mlflow-uri or $MLFLOW_TRACKING_URI)")
     return checkpoint_uri_of_run(tracking_uri, config.run_id)
-
-
-def local_copy(uri: str, scratch: Path, s3: S3Options, *, files: tuple[str, ...] | None = None,
-               optional: tuple[str, ...] = ()) -> str:
-    """`uri` itself when it is not s3:// (a local path, file:// stripped, or a hub id); else a copy under
-    `scratch` of the object, of the whole prefix, or of just `files` (and those of `optional` that exist)
-    under the prefix."""
-    if uri.startswith("file://"):
-        return uri[len("file://"):]
-    if not uri.startswith("s3://"):
-        return uri
-    fs, path = resolve(uri, s3)
-    if not exists(fs, path):
-        raise FileNotFoundError(f"nothing at {uri}")
-    dest = scratch / f"{sum(1 for _ in scratch.iterdir())}-{PurePosixPath(path).name}"
-    local = pafs.LocalFileSystem()
-    if files is None:
-        pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=local)
-        return str(dest)
-    dest.mkdir(parents=True)
-    for name in files:
-        if not exists(fs, join(path, name)):
-            raise FileNotFoundError(f"{uri} is not a checkpoint: no {name}")
-    for name in (*files, *(n for n in optional if exists(fs, join(path, n)))):
-        pafs.copy_files(join(path, name), str(dest / name), source_filesystem=fs, destination_filesystem=local)
-    return str(dest)

@@ -12,7 +12,6 @@ A checkpoint records the latent keys trained in its epoch, so a resume trains ea
 from __future__ import annotations
 
 import hashlib
-import json
 import queue
 import tempfile
 import threading
@@ -25,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from hdm_model.pipeline import EMA_WEIGHTS_NAME
+from hdm_model import checkpoint
 
 from pipelines.cluster import epoch_batches, set_train_threads
 from pipelines.config import S3Options
@@ -33,9 +32,6 @@ from pipelines.train.config import TrainStageConfig
 from pipelines.secrets import redact
 from pipelines.storage import resolve
 from pipelines.tracking import StageRun
-
-STATE_NAME = "training_state.pt"
-EMA_NAME = EMA_WEIGHTS_NAME  # what sampling loads instead of model.safetensors when present
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -275,13 +271,11 @@ class EMA:
         for k, v in model.state_dict().items():
             self.shadow[k].lerp_(v.float(), 1 - self.decay)
 
-    def load(self, path: Path) -> None:
-        """EMA weights saved by `save_checkpoint`, onto the device the shadow lives on."""
-        from safetensors.torch import load_file
-
-        state = load_file(path, device=str(next(iter(self.shadow.values())).device))
-        if state.keys() != self.shadow.keys():
-            raise KeyError(f"EMA weights in {path} do not fit this model")
+    def load(self, directory: Path) -> None:
+        """The EMA weights of a checkpoint directory, onto the device the shadow lives on."""
+        state = checkpoint.load_ema(directory, device=next(iter(self.shadow.values())).device)
+        if state is None or state.keys() != self.shadow.keys():
+            raise KeyError(f"EMA weights in {directory} do not fit this model")
         self.shadow = state
 
     @contextmanager
@@ -299,26 +293,20 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def _checkpoint_meta(cfg: TrainStageConfig, model_config, vae: str) -> dict[str, Any]:
-    return {"model": model_config.to_dict(), "text_encoder": {"id": cfg.text_encoder, "max_length": cfg.ctx_length},
-            "vae": vae, "stage": redact(cfg.model_dump(mode="json"))}  # checkpoints are shared: no credentials
+def checkpoint_meta(cfg: TrainStageConfig, model_config, vae: str) -> checkpoint.CheckpointMeta:
+    return checkpoint.CheckpointMeta(model=model_config, text_encoder=cfg.text_encoder, max_length=cfg.ctx_length,
+                                     vae=vae, stage=redact(cfg.model_dump(mode="json")))  # shared: no credentials
 
 
 def save_checkpoint(directory: Path, *, model, cfg: TrainStageConfig, vae: str, optimizer, scheduler, ema: EMA | None,
                     progress: dict[str, int], epoch_keys: list[str]) -> None:
     """`progress`: step and epoch; `epoch_keys`: the latent keys every rank trained in that epoch (EpochKeys).
     No RNG state: training draws from generators seeded by step and key, not from torch's global RNG."""
-    from safetensors.torch import save_file
-
-    from hdm_model.denoiser import CONFIG_NAME, WEIGHTS_NAME
-
     net = _unwrap(model)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}, directory / WEIGHTS_NAME)
-    if ema is not None:
-        save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, directory / EMA_NAME)
-    (directory / CONFIG_NAME).write_text(json.dumps(_checkpoint_meta(cfg, net.config, vae), indent=2))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **progress,
-                "epoch_keys": epoch_keys}, directory / STATE_NAME)
+    checkpoint.save(directory, weights=net.state_dict(), meta=checkpoint_meta(cfg, net.config, vae),
+                    ema=ema.shadow if ema is not None else None,
+                    training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                    **progress, "epoch_keys": epoch_keys})
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -333,14 +321,11 @@ def weights_digest(model: torch.nn.Module) -> str:
 def load_weights(model: torch.nn.Module, directory: str) -> None:
     """Starting weights: a checkpoint directory of ours (model.safetensors, our names), else the original's
     release (its single .safetensors file or its diffusers folder, fp16 as released; a pickle is refused)."""
-    from safetensors.torch import load_file
-
-    from hdm_model.denoiser import WEIGHTS_NAME
     from hdm_model.official import denoiser_state_from_release
 
     path, net = Path(directory), _unwrap(model)
-    if (path / WEIGHTS_NAME).is_file():
-        state = load_file(path / WEIGHTS_NAME)
+    if checkpoint.is_checkpoint(path):
+        state = checkpoint.load_weights(path)
     else:
         state = denoiser_state_from_release(path, net.config)  # names and shapes checked against the model
     missing, unexpected = net.load_state_dict(state, strict=False)
@@ -526,16 +511,12 @@ class _Meter:
 
 def _restore(directory: Path, net, optimizer, scheduler, ema: EMA | None) -> tuple[dict[str, int], frozenset[str]]:
     """(progress, keys trained in its epoch) of a checkpoint, its weights, optimizer, schedule and EMA loaded."""
-    from safetensors.torch import load_file
-
-    from hdm_model.denoiser import WEIGHTS_NAME
-
-    net.load_state_dict(load_file(directory / WEIGHTS_NAME, device=str(next(net.parameters()).device)))
-    state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=True)
+    net.load_state_dict(checkpoint.load_weights(directory, device=next(net.parameters()).device))
+    state = checkpoint.load_training_state(directory)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and (directory / EMA_NAME).exists():
-        ema.load(directory / EMA_NAME)
+    if ema is not None and checkpoint.has_ema(directory):
+        ema.load(directory)
     elif ema is not None:  # EMA turned on at this relaunch: it starts from the restored weights
         ema.reset(net)
     progress = {k: int(state[k]) for k in ("step", "epoch")}

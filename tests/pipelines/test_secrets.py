@@ -8,7 +8,7 @@ from hdm_model import XUTConfig
 from pipelines.train.config import TrainStageConfig
 from pipelines.secrets import MASK, environment_secrets, redact, redact_text
 from pipelines.tracking import StageRun
-from pipelines.train.worker import _checkpoint_meta
+from pipelines.train.worker import checkpoint_meta
 
 FAKE_KEY = "fake-secret-123"
 DB_PASSWORD = "db-pass-456"
@@ -57,5 +57,5 @@ def test_logged_params_and_checkpoint_config_hold_no_credential(tmp_path, monkey
     assert params["tracking.run_name"] == MASK
     assert not [k for k, v in params.items() if FAKE_KEY in v or DB_PASSWORD in v]
 
-    meta = json.dumps(_checkpoint_meta(config, XUTConfig.preset("tiny"), "vae-id"))  # a checkpoint's config.json
+    meta = json.dumps(checkpoint_meta(config, XUTConfig.preset("tiny"), "vae-id").to_json())  # a checkpoint's config.json
     assert FAKE_KEY not in meta and DB_PASSWORD not in meta and "s3.example.internal" in meta

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from pipelines.train.config import TrainStageConfig
 from pipelines.data.latent_store import OUTPUT_SCHEMA, LatentWriter
-from pipelines.train.worker import STATE_NAME
+from hdm_model.checkpoint import TRAINING_STATE
 
 from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
 from tests.pipelines.latent_fixtures import make_latent_dataset
@@ -53,7 +53,7 @@ def _history(config: TrainStageConfig, run_id: str, metric: str) -> dict[int, fl
 
 
 def _trained_keys(checkpoint: str) -> list[str]:
-    return torch.load(Path(checkpoint) / STATE_NAME, weights_only=True)["epoch_keys"]
+    return torch.load(Path(checkpoint) / TRAINING_STATE, weights_only=True)["epoch_keys"]
 
 
 def _identical_latents(root: Path, n: int, *, vae: str) -> None:
@@ -124,6 +124,6 @@ def test_an_epoch_resumed_with_fewer_workers_trains_each_key_once(ray_driver, mo
     half = _trained_keys(first.checkpoint)
     assert len(half) == len(set(half)) == 8 and set(half) < set(keys)
     second = run_training_stage(_config(tmp_path, models, name="shrink", workers=1, steps=6))
-    state = torch.load(Path(second.checkpoint) / STATE_NAME, weights_only=True)
+    state = torch.load(Path(second.checkpoint) / TRAINING_STATE, weights_only=True)
     assert (state["step"], state["epoch"]) == (6, 0)
     assert state["epoch_keys"] == keys  # sorted, and a key trained twice would be listed twice

@@ -11,9 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from hdm_model import build_denoiser, build_optimizer, warmup_cosine_schedule
+from hdm_model.checkpoint import EMA_WEIGHTS, TRAINING_STATE
 from pipelines.cluster import cpu_threads, set_train_threads
 from pipelines.train.config import TrainStageConfig
-from pipelines.train.worker import (EMA, EMA_NAME, END_OF_EPOCH, STATE_NAME, BatchPrefetcher, LatentBatcher, MicroBatch,
+from pipelines.train.worker import (EMA, END_OF_EPOCH, BatchPrefetcher, LatentBatcher, MicroBatch,
                                 ResumedEpoch, _restore, derive_seed, save_checkpoint, step_generator, without_keys)
 
 
@@ -96,7 +97,7 @@ def test_checkpoint_saves_and_restores_ema_weights(tmp_path):
     net, optimizer, scheduler, ema = _trained(cfg, steps=3)
     save_checkpoint(tmp_path, model=net, cfg=cfg, vae="v", optimizer=optimizer, scheduler=scheduler, ema=ema,
                     progress={"step": 3, "epoch": 1}, epoch_keys=["k2", "k0"])
-    saved = load_file(tmp_path / EMA_NAME)
+    saved = load_file(tmp_path / EMA_WEIGHTS)
     assert saved.keys() == dict(net.state_dict()).keys()
     assert not torch.equal(saved["unpatch.weight"], net.state_dict()["unpatch.weight"])  # EMA, not the weights
 
@@ -113,7 +114,7 @@ def test_ema_turned_on_at_resume_starts_from_the_restored_weights(tmp_path):
     cfg = _stage(tmp_path, ema_decay=0.9)
     save_checkpoint(tmp_path, model=net, cfg=cfg, vae="v", optimizer=optimizer, scheduler=scheduler, ema=None,
                     progress={"step": 2, "epoch": 0}, epoch_keys=[])
-    assert not (tmp_path / EMA_NAME).exists()
+    assert not (tmp_path / EMA_WEIGHTS).exists()
     fresh, fresh_opt, fresh_sched, fresh_ema = _trained(cfg, steps=0)
     _restore(tmp_path, fresh, fresh_opt, fresh_sched, fresh_ema)
     for name, value in net.state_dict().items():
@@ -153,12 +154,12 @@ def test_prefetcher_crosses_epochs_leaves_out_trained_keys_on_resume_and_raises_
 def test_sampling_a_checkpoint_uses_its_ema_weights(tmp_path):
     from safetensors.torch import save_file
 
-    from hdm_model.pipeline import EMA_WEIGHTS_NAME, load_checkpoint_denoiser
+    from hdm_model.pipeline import load_checkpoint_denoiser
 
     model = build_denoiser("tiny")
     model.save_pretrained(tmp_path)
     shadow = {k: torch.full_like(v, 0.25) for k, v in model.state_dict().items()}
-    save_file(shadow, tmp_path / EMA_WEIGHTS_NAME)
+    save_file(shadow, tmp_path / EMA_WEIGHTS)
     with_ema = load_checkpoint_denoiser(tmp_path, ema=True).state_dict()
     trained = load_checkpoint_denoiser(tmp_path, ema=False).state_dict()
     assert all(torch.equal(with_ema[k], shadow[k]) for k in shadow)
@@ -260,9 +261,9 @@ def test_a_checkpoint_without_trained_keys_resumes_at_the_start_of_its_epoch(tmp
     net, optimizer, scheduler, _ = _trained(cfg, steps=2)
     save_checkpoint(tmp_path, model=net, cfg=cfg, vae="v", optimizer=optimizer, scheduler=scheduler, ema=None,
                     progress={"step": 2, "epoch": 1}, epoch_keys=["k1"])
-    state = torch.load(tmp_path / STATE_NAME, weights_only=True)
+    state = torch.load(tmp_path / TRAINING_STATE, weights_only=True)
     del state["epoch_keys"]  # the format before resume by keys: a batch count and the global RNG
-    torch.save({**state, "batch_in_epoch": 2, "rng": {"torch": torch.get_rng_state()}}, tmp_path / STATE_NAME)
+    torch.save({**state, "batch_in_epoch": 2, "rng": {"torch": torch.get_rng_state()}}, tmp_path / TRAINING_STATE)
     fresh, fresh_opt, fresh_sched, _ = _trained(cfg, steps=0)
     assert _restore(tmp_path, fresh, fresh_opt, fresh_sched, None) == ({"step": 2, "epoch": 1}, frozenset())
     assert "epoch 1 restarts from its beginning" in capsys.readouterr().out

@@ -1,0 +1,154 @@
+"""Our checkpoint format, written and read only through this module (the original release's formats live in
+official.py and release.py).
+
+A checkpoint is a directory:
+
+    model.safetensors     the denoiser's weights, our key names (what sampling and --init-from load)
+    ema.safetensors       their exponential moving average, float32, when the training stage kept one
+    config.json           CheckpointMeta: the XUTConfig of the weights, the text encoder and VAE they were
+                          trained with, and the training stage's config (credentials redacted)
+    training_state.pt     optimizer, schedule, step, epoch and the latent keys trained in that epoch: only a
+                          resumed training stage reads it, with torch.load(weights_only=True)
+
+`XUTDenoiser.save_pretrained` writes the first and third; a training stage writes all four.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import XUTConfig
+
+WEIGHTS = "model.safetensors"
+EMA_WEIGHTS = "ema.safetensors"
+META = "config.json"
+TRAINING_STATE = "training_state.pt"
+SAMPLING_FILES = (META, WEIGHTS)  # what sampling and export need (not the optimizer) ...
+SAMPLING_OPTIONAL = (EMA_WEIGHTS,)  # ... and use where present
+DEFAULT_MAX_LENGTH = 256  # text tokens, where a checkpoint records no text encoder
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """config.json: {"model": XUTConfig, "text_encoder": {"id", "max_length"}, "vae": id, "stage": {...}}."""
+
+    model: XUTConfig
+    text_encoder: str | None = None  # hub id, local path or s3:// URI; None: the caller names one
+    max_length: int = DEFAULT_MAX_LENGTH  # text tokens the weights were trained with
+    vae: str | None = None  # the VAE of the latents the weights were trained on
+    stage: dict[str, Any] = field(default_factory=dict)  # the training stage's config, for provenance only
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model.to_dict(), "text_encoder": {"id": self.text_encoder, "max_length": self.max_length},
+                "vae": self.vae, "stage": self.stage}
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str = META) -> CheckpointMeta:
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            raise ValueError(f"{where} has no \"model\" section (the XUTConfig of the weights)")
+        try:
+            model = XUTConfig.from_dict(data["model"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: the \"model\" section is not an XUTConfig: {e}") from e
+        text = data.get("text_encoder") or {}
+        return cls(model=model, text_encoder=text.get("id"), max_length=int(text.get("max_length", DEFAULT_MAX_LENGTH)),
+                   vae=data.get("vae") or None, stage=dict(data.get("stage") or {}))
+
+
+def is_checkpoint(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds our checkpoint (as opposed to, say, a released file or folder)."""
+    return (Path(directory) / WEIGHTS).is_file() and (Path(directory) / META).is_file()
+
+
+def has_ema(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / EMA_WEIGHTS).is_file()
+
+
+def save(directory: str | os.PathLike, *, weights: Mapping[str, Tensor], meta: CheckpointMeta,
+         ema: Mapping[str, Tensor] | None = None, training_state: Mapping[str, Any] | None = None) -> Path:
+    """Write a checkpoint: weights and meta always, the EMA and the training state when given."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / WEIGHTS)
+    if ema is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, directory / EMA_WEIGHTS)
+    (directory / META).write_text(json.dumps(meta.to_json(), indent=2))
+    if training_state is not None:
+        torch.save(dict(training_state), directory / TRAINING_STATE)
+    return directory
+
+
+def read_meta(directory: str | os.PathLike) -> CheckpointMeta:
+    """The checkpoint's config.json, checked; a directory without the weights or the meta is refused."""
+    directory = Path(directory)
+    for name in SAMPLING_FILES:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a checkpoint directory: no {name}")
+    return CheckpointMeta.from_json(json.loads((directory / META).read_text()), where=str(directory / META))
+
+
+def load_weights(directory: str | os.PathLike, *, ema: bool = False, device: torch.device | str = "cpu"
+                 ) -> dict[str, Tensor]:
+    """The denoiser's weights; with `ema`, the EMA weights where the checkpoint has them."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    return load_file(directory / (EMA_WEIGHTS if ema and has_ema(directory) else WEIGHTS), device=str(device))
+
+
+def load_ema(directory: str | os.PathLike, *, device: torch.device | str = "cpu") -> dict[str, Tensor] | None:
+    """The EMA weights, None where the checkpoint has none."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(directory) / EMA_WEIGHTS, device=str(device)) if has_ema(directory) else None
+
+
+def load_training_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """What a resumed training stage restores (tensors and plain values only: weights_only=True)."""
+    return torch.load(Path(directory) / TRAINING_STATE, map_location="cpu", weights_only=True)
+
+
+def verify(directory: str | os.PathLike) -> CheckpointMeta:
+    """The meta, after checking every tensor of the weights (and of the EMA, if any) against its XUTConfig:
+    a file of another architecture is refused with the missing, unexpected and wrongly shaped keys named."""
+    from safetensors import safe_open
+
+    from .denoiser import XUTDenoiser
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in XUTDenoiser(meta.model).state_dict().items()}
+    for name in (WEIGHTS, EMA_WEIGHTS) if has_ema(directory) else (WEIGHTS,):
+        with safe_open(directory / name, framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        check_state_keys(found, expected, what=f"{directory / name} (against the \"model\" of its {META})")
+    return meta
+
+
+def check_state_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], *,
+                     what: str) -> None:
+    """Raise a ValueError naming every missing, unexpected or wrongly shaped tensor ({name: shape} maps)."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k} {found[k]} != {expected[k]}" for k in expected if k in found and found[k] != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{label}: {list_names(keys)}" for label, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)) if keys]
+        raise ValueError(f"{what} does not match the architecture: " + "; ".join(parts))
+
+
+def list_names(keys: list[str], limit: int = 12) -> str:
+    """The first `limit` of `keys` and how many more: error messages that stay one line."""
+    shown = ", ".join(sorted(keys)[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
