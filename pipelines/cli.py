@@ -29,9 +29,9 @@ def job_main(name: str, parse: Callable[[], Config], run: Callable[[Config], Any
         print(f"{name}: invalid configuration:\n{e}", file=sys.stderr)
         return EXIT_INVALID
     if init_ray:
-        import ray
+        from pipelines.cluster import connect
 
-        ray.init()
+        connect()
     try:
         summary = run(config)
     except refusals as e:

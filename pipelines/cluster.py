@@ -11,6 +11,11 @@ from pathlib import Path
 import ray
 
 
+def connect() -> None:
+    """Join the Ray cluster this process runs on (a job's driver: RAY_ADDRESS or the local head node)."""
+    ray.init()
+
+
 def scaling(workers: int | None, use_gpu: bool | None):
     """A `ScalingConfig`: `use_gpu` None means "when the cluster has GPUs"; `workers` None means 4 with
     GPUs, else 2. CPU workers ask for at most (CPUs - 1) / workers each, so Ray Data's read and

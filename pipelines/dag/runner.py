@@ -23,13 +23,11 @@ from typing import TextIO
 
 from pipelines.dag.spec import KINDS, PipelineConfig, StagePlan, experiment, job_config, plan, storage_root
 from pipelines.storage import exists, resolve
-from pipelines.tracking import CHECKPOINT_TAG, StageRun
+from pipelines.tracking import (CHECKPOINT_TAG, DAG_DIGEST_TAG, DAG_DONE_TAG, DAG_ERROR_TAG, DAG_KIND_TAG,
+                                DAG_OUTPUT_TAG, DAG_STAGE_TAG, StageRun)
 
 ROOT = Path(__file__).resolve().parents[2]  # the working directory every job runs in (uploaded by Ray)
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.safetensors", "__pycache__", ".pytest_cache"]
-DAG_TAG = "hdm.dag."  # + stage, kind, digest: set by the runner (the jobs set their own hdm.* tags)
-DONE_TAG = "hdm.dag.done"  # the digest of the config the stage finished with
-OUTPUT_TAG = "hdm.output."  # + output name: a URI a dependent reads
 
 
 @dataclass
@@ -78,7 +76,7 @@ class PipelineRunner:
         stages = plan(self.config)
         parent = StageRun.open(tracking_uri=self.tracking_uri, experiment=self.experiment,
                                stage_key=f"pipeline:{self.config.pipeline.name}", run_name=self.config.pipeline.name,
-                               tags={DAG_TAG + "kind": "pipeline"})
+                               tags={DAG_KIND_TAG: "pipeline"})
         parent.log_params(self.config.model_dump(mode="json"))
         self.say(f"pipeline {self.config.pipeline.name}: {len(stages)} stages; MLflow {self.tracking_uri} "
                  f"experiment {self.experiment!r} run {parent.run_id}; logs in {self.log_dir}")
@@ -101,8 +99,8 @@ class PipelineRunner:
                force: bool) -> StageResult:
         previous = StageRun.find(tracking_uri=self.tracking_uri, experiment=self.experiment, stage_key=stage.stage_key)
         state = previous.state()
-        if not force and state.status == "FINISHED" and state.tags.get(DONE_TAG) == stage.digest:
-            outputs = {k[len(OUTPUT_TAG):]: v for k, v in state.tags.items() if k.startswith(OUTPUT_TAG)}
+        if not force and state.status == "FINISHED" and state.tags.get(DAG_DONE_TAG) == stage.digest:
+            outputs = {k[len(DAG_OUTPUT_TAG):]: v for k, v in state.tags.items() if k.startswith(DAG_OUTPUT_TAG)}
             gone = [uri for uri in outputs.values() if not exists(*resolve(uri, self.config.pipeline.s3))]
             if not gone:
                 self.say(f"[{stage.name}] skipped: finished before with the same config ({stage.digest[:12]})")
@@ -115,8 +113,7 @@ class PipelineRunner:
             fs.delete_dir(path)
         run = StageRun.open(tracking_uri=self.tracking_uri, experiment=self.experiment, stage_key=stage.stage_key,
                             run_name=stage.name, parent_run_id=parent_id,
-                            tags={DAG_TAG + "stage": stage.name, DAG_TAG + "kind": stage.kind,
-                                  DAG_TAG + "digest": stage.digest})
+                            tags={DAG_STAGE_TAG: stage.name, DAG_KIND_TAG: stage.kind, DAG_DIGEST_TAG: stage.digest})
         data = job_config(self.config, stage, {n: r.outputs for n, r in results.items()},
                           tracking_uri=self.tracking_uri, parent_run_id=parent_id)
         if not KINDS[stage.kind].tracked:
@@ -125,7 +122,7 @@ class PipelineRunner:
         status, message = self._submit(stage, data, log)
         run.log_artifact(log, "logs")
         if status != "SUCCEEDED":
-            run.set_tags({"hdm.dag.error": message})
+            run.set_tags({DAG_ERROR_TAG: message})
             run.finish("FAILED")
             self.say(f"[{stage.name}] FAILED ({message}); log: {log}")
             return StageResult(stage.name, "failed", log=str(log), message=message)
@@ -133,7 +130,7 @@ class PipelineRunner:
         state = run.state()
         if stage.kind == "train":
             outputs["checkpoint"] = state.tags[CHECKPOINT_TAG]
-        run.set_tags({**{OUTPUT_TAG + k: v for k, v in outputs.items()}, DONE_TAG: stage.digest})
+        run.set_tags({**{DAG_OUTPUT_TAG + k: v for k, v in outputs.items()}, DAG_DONE_TAG: stage.digest})
         run.finish("FINISHED")
         self.say(f"[{stage.name}] done: " + ", ".join(f"{k} {v}" for k, v in outputs.items()))
         return StageResult(stage.name, "done", outputs, _own_metrics(state.metrics), str(log))

@@ -24,7 +24,7 @@ from pydantic import Field, model_validator
 from pipelines.config import S3Options, StrictModel, TrackingOptions
 from pipelines.data.demo_data import COLORS, SHAPES, Scene
 from pipelines.eval.sampling import SampleConfig, run_sampling
-from pipelines.tracking import StageRun
+from pipelines.tracking import EVALUATED_TAG, STAGE_EVALUATE, STAGE_TAG, StageRun
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that makes a pixel foreground
 MIN_FOREGROUND = 0.01  # share of the pixels below which nothing was drawn
@@ -195,7 +195,6 @@ def _open_run(config: EvaluateConfig) -> StageRun:
     t = config.tracking
     if config.run_id:
         return StageRun.attach(tracking_uri=t.resolved_uri(), run_id=config.run_id)
-    return StageRun.open(tracking_uri=t.resolved_uri(), experiment=t.experiment,
-                         stage_key=t.stage_key or f"{t.parent_run_id or ''}/evaluate:{config.checkpoint}",
-                         run_name=t.run_name or "evaluate", parent_run_id=t.parent_run_id,
-                         tags={"hdm.stage": "evaluate", "hdm.evaluated": config.checkpoint})
+    return StageRun.for_job(t, default_key=f"{t.parent_run_id or ''}/evaluate:{config.checkpoint}",
+                            default_name=STAGE_EVALUATE, tags={STAGE_TAG: STAGE_EVALUATE,
+                                                               EVALUATED_TAG: config.checkpoint})
