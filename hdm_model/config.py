@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 AttnKernel = Literal["sdpa", "math"]
+# Fields that checkpoints written by earlier versions hold and nothing reads: ignored when loading.
+# ctx_size (text padding length) belongs to the training stage's config (ctx_length), not the model's shape.
+RETIRED_FIELDS = frozenset({"ctx_size"})
 
 
 @dataclass(frozen=True)
@@ -32,13 +35,12 @@ class XUTConfig:
     post_blocks: int = 3  # plain blocks after the merge (original: post_trns_depth)
     tread_rate: float = 0.5  # fraction of image tokens routed around the U backbone in training
     aspect_embed: bool = True  # aspect-ratio addon (original: addon_info_embs_dim = 1)
-    ctx_size: int = 256  # text tokens per sample in training (padding length)
     attn_kernel: AttnKernel = "sdpa"  # "sdpa": torch scaled_dot_product_attention; "math": explicit softmax
     grad_checkpointing: bool = False  # recompute each block in backward (training only)
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "in_channels", "dim", "ctx_dim", "heads", "head_dim", "mlp_dim",
-                     "depth", "enc_blocks", "dec_blocks", "ctx_size"):
+                     "depth", "enc_blocks", "dec_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"XUTConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("pre_blocks", "post_blocks"):
@@ -61,6 +63,7 @@ class XUTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> XUTConfig:
+        data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown XUTConfig fields: {unknown}")
@@ -118,8 +121,7 @@ class XUTConfig:
             post_blocks=tread["post_trns_depth"],
             tread_rate=tread["dropout_ratio"],
             aspect_embed=addon == 1,
-            ctx_size=arch.get("ctx_size", 256),
-        ).replace(**overrides)
+        ).replace(**overrides)  # ctx_size: the original builds an all-zero context of it when given none
 
 
 # The released HDM model (report: XUT-base, 343M), config/arch/xut-small-1024-tread.json.
@@ -133,7 +135,7 @@ OFFICIAL_XUT_BASE_ARCH: dict[str, Any] = {
 PRESETS: dict[str, XUTConfig] = {
     # CPU tests and the demo: 2 U levels, every kind of block present, ~0.2M parameters.
     "tiny": XUTConfig(dim=64, ctx_dim=32, heads=4, head_dim=16, mlp_dim=128, depth=2, enc_blocks=1,
-                      dec_blocks=2, pre_blocks=1, post_blocks=1, ctx_size=16),
+                      dec_blocks=2, pre_blocks=1, post_blocks=1),
     # Report sizes (same topology as the released model): 237,290,128 / 343,176,208 / 555,628,816.
     "xut-small": XUTConfig(dim=896, ctx_dim=640, heads=14, head_dim=64, mlp_dim=3072, dec_blocks=2),
     "xut-base": XUTConfig(),

@@ -125,11 +125,12 @@ def official_key_map(config: XUTConfig) -> dict[str, str | None]:
     return mapping
 
 
-def official_arch(config: XUTConfig) -> dict[str, Any]:
+def official_arch(config: XUTConfig, *, ctx_size: int = 256) -> dict[str, Any]:
     """The XUDiTConditionModel arguments (= the original's `config/arch` JSON) of a config; the inverse of
-    `XUTConfig.from_official_arch` on the shape fields."""
+    `XUTConfig.from_official_arch` on the shape fields. `ctx_size`: text tokens per sample, which the
+    original reads only to build an all-zero context when it is given none."""
     values = {"patch_size": config.patch_size, "input_dim": config.in_channels, "dim": config.dim,
-              "ctx_dim": config.ctx_dim, "ctx_size": config.ctx_size, "heads": config.heads,
+              "ctx_dim": config.ctx_dim, "ctx_size": ctx_size, "heads": config.heads,
               "dim_head": config.head_dim, "mlp_dim": config.mlp_dim, "depth": config.depth,
               "enc_blocks": config.enc_blocks, "dec_blocks": config.dec_blocks, "dec_ctx": False, "class_cond": 0,
               "shared_adaln": True, "concat_ctx": True, "use_dyt": False, "double_t": False,

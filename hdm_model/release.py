@@ -43,13 +43,15 @@ def release_state(model: XUTDenoiser, *, vae: LatentVAE | nn.Module | None = Non
 
 
 def save_official_hdm(model: XUTDenoiser, path: str | os.PathLike, *, vae: LatentVAE | nn.Module | None = None,
-                      layout: Layout = "file", text_encoder: TextEncoder | None = None) -> Path:
+                      layout: Layout = "file", text_encoder: TextEncoder | None = None,
+                      text_tokens: int = 256) -> Path:
     """Write `model` (and `vae`, a LatentVAE or a diffusers AutoencoderKL) in a layout of the original:
 
     "file": one `.safetensors` as the original's converter writes it (`release_state`); text_encoder is
     not part of it (the converter strips it). "diffusers": the folder HDMXUTPipeline.from_pretrained
     reads: model_index.json, transformer/ (config.json + diffusion_pytorch_model.safetensors, the model's
     dtype), vae/ and text_encoder/ + tokenizer/ (a TextEncoder's .model and .tokenizer) when given.
+    `text_tokens`: the padding length the weights were trained with, the folder's `ctx_size`.
     """
     path = Path(path)
     if layout == "file":
@@ -63,7 +65,7 @@ def save_official_hdm(model: XUTDenoiser, path: str | os.PathLike, *, vae: Laten
         return path
     if layout != "diffusers":
         raise ValueError(f"layout must be 'file' or 'diffusers', got {layout!r}")
-    _save_transformer(model, path / TRANSFORMER_DIR)
+    _save_transformer(model, path / TRANSFORMER_DIR, text_tokens=text_tokens)
     if vae is not None:
         _save_vae(vae, path / VAE_DIR)
     if text_encoder is not None:
@@ -94,14 +96,14 @@ def model_index(**components: Any) -> dict[str, Any]:
     return entries
 
 
-def _save_transformer(model: XUTDenoiser, directory: Path) -> None:
+def _save_transformer(model: XUTDenoiser, directory: Path, *, text_tokens: int) -> None:
     """XUDiTConditionModel.save_pretrained's files: config.json (its arguments) and the weights under `model.`."""
     import diffusers
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     config = {"_class_name": TRANSFORMER_CLASS[1], "_diffusers_version": diffusers.__version__,
-              **official_arch(model.config)}
+              **official_arch(model.config, ctx_size=text_tokens)}
     (directory / DIFFUSERS_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = ours_to_official(model, prefix=TRANSFORMER_PREFIX)
     time_table = TRANSFORMER_PREFIX + "time_emb.freqs"
@@ -155,7 +157,8 @@ def export_checkpoint(directory: str | os.PathLike, output: str | os.PathLike, *
     latent_vae = LatentVAE.from_pretrained(os.fspath(vae), dtype=torch.float32) if vae is not None else None
     encoder = (TextEncoder.from_pretrained(os.fspath(text_encoder), dtype=torch.float32, max_length=max_length)
                if text_encoder is not None else None)
-    path = save_official_hdm(model, output, vae=latent_vae, layout=layout, text_encoder=encoder)
+    path = save_official_hdm(model, output, vae=latent_vae, layout=layout, text_encoder=encoder,
+                             text_tokens=max_length)
     summary = ExportSummary(path=str(path), layout=layout, source=str(directory),
                             ema=ema and has_ema(directory))
     for file in sorted([path] if path.is_file() else path.rglob("*.safetensors")):

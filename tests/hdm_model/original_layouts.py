@@ -21,10 +21,11 @@ from torch import nn
 TIME_TABLE = "time_emb.freqs"
 
 
-def arch_of(config) -> dict:
-    """The original's `config/arch` JSON for one of our configs (field by field)."""
+def arch_of(config, ctx_size: int = 256) -> dict:
+    """The original's `config/arch` JSON for one of our configs (field by field; `ctx_size` is not part of
+    our model config: the text padding length of training)."""
     return {"patch_size": config.patch_size, "input_dim": config.in_channels, "dim": config.dim,
-            "ctx_dim": config.ctx_dim, "ctx_size": config.ctx_size, "heads": config.heads,
+            "ctx_dim": config.ctx_dim, "ctx_size": ctx_size, "heads": config.heads,
             "dim_head": config.head_dim, "mlp_dim": config.mlp_dim, "depth": config.depth,
             "enc_blocks": config.enc_blocks, "dec_blocks": config.dec_blocks,
             "tread_config": {"prev_trns_depth": config.pre_blocks, "post_trns_depth": config.post_blocks,

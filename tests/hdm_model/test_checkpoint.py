@@ -46,11 +46,13 @@ def test_verify_names_tensors_of_another_architecture_in_the_ema_too(tmp_path):
 
 
 def test_older_and_partial_config_json_read_with_defaults(tmp_path):
-    """save_pretrained wrote only {"model": ...} before the format had one owner: such a directory still reads."""
+    """save_pretrained wrote only {"model": ...} before the format had one owner, and the model section held
+    ctx_size (now the training stage's ctx_length): such a directory still reads."""
     model = build_denoiser("tiny", ctx_dim=32)
     checkpoint.save(tmp_path, weights=model.state_dict(), meta=tiny_meta())
-    (tmp_path / "config.json").write_text(json.dumps({"model": model.config.to_dict()}))
+    (tmp_path / "config.json").write_text(json.dumps({"model": {**model.config.to_dict(), "ctx_size": 16}}))
     meta = checkpoint.read_meta(tmp_path)
+    assert meta.model == model.config
     assert (meta.text_encoder, meta.max_length, meta.vae, meta.stage) == (None, 256, None, {})
     (tmp_path / "config.json").write_text(json.dumps({"text_encoder": {"id": "x"}}))
     with pytest.raises(ValueError, match="no \"model\" section"):
