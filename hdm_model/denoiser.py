@@ -114,20 +114,21 @@ class XUTDenoiser(nn.Module):
             cond = cond + self.aspect_embed(aspect.reshape(-1, 1).to(cond.dtype))[:, None]  # (B, 1, D)
         return cond
 
-    def _backbone(self, x: Tensor, ctx: BlockContext) -> Tensor:
+    def _backbone(self, x: Tensor, block_ctx: BlockContext) -> Tensor:
         for level in self.backbone.encoder:
-            x = self._run(level, x, ctx)
+            x = self._run(level, x, block_ctx)
         encoder_out = x
         for level in self.backbone.decoder:
-            x = self._run(level[:1], x, ctx, source=encoder_out)
-            x = self._run(level[1:], x, ctx)
+            x = self._run(level[:1], x, block_ctx, source=encoder_out)
+            x = self._run(level[1:], x, block_ctx)
         return x
 
-    def _run(self, blocks: nn.ModuleList, x: Tensor, ctx: BlockContext, source: Tensor | None = None) -> Tensor:
+    def _run(self, blocks: nn.ModuleList, x: Tensor, block_ctx: BlockContext, source: Tensor | None = None) -> Tensor:
         """Apply blocks in order; the one place gradient checkpointing is decided."""
         recompute = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in blocks:
-            x = checkpoint(block, x, ctx, source, use_reentrant=False) if recompute else block(x, ctx, source)
+            x = (checkpoint(block, x, block_ctx, source, use_reentrant=False) if recompute
+                 else block(x, block_ctx, source))
         return x
 
     def _unpatch(self, x: Tensor, gh: int, gw: int) -> Tensor:

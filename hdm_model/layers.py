@@ -167,13 +167,13 @@ class Block(nn.Module):
         self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
         self.mlp = SwiGLU(dim, config.mlp_dim)
 
-    def forward(self, x: Tensor, ctx: BlockContext, source: Tensor | None = None) -> Tensor:
-        m, g = modulate(self.attn_norm, x, ctx.attn)
-        x = m + g * self.attn(m, ctx.pos)
+    def forward(self, x: Tensor, block_ctx: BlockContext, source: Tensor | None = None) -> Tensor:
+        m, g = modulate(self.attn_norm, x, block_ctx.attn)
+        x = m + g * self.attn(m, block_ctx.pos)
         if self.xattn is not None:
             if source is None:
                 raise ValueError("a block with cross-attention needs a source sequence")
-            m, g = modulate(self.xattn_norm, x, ctx.xattn)
-            x = m + g * self.xattn(m, ctx.pos, source)
-        m, g = modulate(self.mlp_norm, x, ctx.mlp)
+            m, g = modulate(self.xattn_norm, x, block_ctx.xattn)
+            x = m + g * self.xattn(m, block_ctx.pos, source)
+        m, g = modulate(self.mlp_norm, x, block_ctx.mlp)
         return m + g * self.mlp(m)

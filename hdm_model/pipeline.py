@@ -99,7 +99,8 @@ class HDMPipeline:
         directory = Path(path)
         meta = checkpoint.read_meta(directory)
         if text_encoder is None and meta.text_encoder is None:
-            raise ValueError(f"{directory / checkpoint.META} names no text encoder (text_encoder.id): pass text_encoder=")
+            raise ValueError(f"{directory / checkpoint.META} names no text encoder (text_encoder.id): "
+                             "pass text_encoder=")
         if vae is None and meta.vae is None:
             raise ValueError(f"{directory / checkpoint.META} names no VAE (\"vae\"): pass vae= (a hub id or a path "
                              "of a diffusers AutoencoderKL)")
