@@ -79,3 +79,14 @@ def make_tiny_captioner(directory: Path) -> Path:
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def write_tiny_checkpoint(directory: Path, *, model, text_encoder: Path, vae: Path | None, stage: dict,
+                          ema: dict | None = None) -> Path:
+    """`model`'s weights as a training stage's checkpoint (through hdm_model.checkpoint, the format's owner),
+    naming the tiny text encoder (16 tokens) and VAE; without `vae`, a checkpoint that names none."""
+    from hdm_model import checkpoint
+
+    meta = checkpoint.CheckpointMeta(model=model.config, text_encoder=str(text_encoder), max_length=16,
+                                     vae=str(vae) if vae else None, stage=stage)
+    return checkpoint.save(directory, weights=model.state_dict(), meta=meta, ema=ema)

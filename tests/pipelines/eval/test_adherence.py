@@ -14,7 +14,7 @@ from jobs import evaluate as evaluate_job
 from pipelines.eval.adherence import EvaluateConfig, run_evaluation
 from pipelines.data.demo_data import COLORS, SHAPES, write_demo_data
 
-from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
+from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae, write_tiny_checkpoint
 from tests.pipelines.helpers import ROOT
 
 
@@ -25,10 +25,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     te_dir, vae_dir = make_tiny_text_encoder(root / "te"), make_tiny_vae(root / "vae")
     torch.manual_seed(0)
-    checkpoint = build_denoiser("tiny", ctx_dim=32).save_pretrained(root / "ckpt")
-    meta = json.loads((checkpoint / "config.json").read_text())
-    meta.update(text_encoder={"id": str(te_dir), "max_length": 16}, vae=str(vae_dir), stage={"res": 32})
-    (checkpoint / "config.json").write_text(json.dumps(meta))
+    checkpoint = write_tiny_checkpoint(root / "ckpt", model=build_denoiser("tiny", ctx_dim=32), text_encoder=te_dir,
+                                       vae=vae_dir, stage={"res": 32})
     prompts = write_demo_data(root / "data", count=1, size=32, holdout=1).heldout
     uri = f"sqlite:///{root}/mlflow.db"
     MlflowClient(uri).create_experiment("demo", artifact_location=str(root / "artifacts"))

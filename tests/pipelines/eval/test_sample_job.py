@@ -1,6 +1,5 @@
 """jobs/sample.py: the real command on a checkpoint directory written to the contract, tiny real models."""
 
-import json
 import os
 import subprocess
 import sys
@@ -9,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from hdm_model import build_denoiser, read_parameters
+from hdm_model import XUTDenoiser, build_denoiser, read_parameters
+from hdm_model.checkpoint import read_meta
 from jobs import sample as sample_job
 
-from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
+from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae, write_tiny_checkpoint
 from tests.pipelines.helpers import ROOT
 
 SMALL = ["--width", "64", "--height", "48", "--steps", "2"]
@@ -33,10 +33,8 @@ def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     te_dir, vae_dir = make_tiny_text_encoder(root / "te"), make_tiny_vae(root / "vae")
     torch.manual_seed(0)
-    directory = build_denoiser("tiny", ctx_dim=32).save_pretrained(root / "ckpt")
-    meta = json.loads((directory / "config.json").read_text())
-    meta.update(text_encoder={"id": str(te_dir), "max_length": 16}, vae=str(vae_dir), stage={"res": 256})
-    (directory / "config.json").write_text(json.dumps(meta))
+    directory = write_tiny_checkpoint(root / "ckpt", model=build_denoiser("tiny", ctx_dim=32), text_encoder=te_dir,
+                                      vae=vae_dir, stage={"res": 256})
     (directory / "training_state.pt").write_bytes(b"not needed for sampling")
     return directory
 
@@ -95,13 +93,9 @@ def test_flags_are_validated_at_the_edge(checkpoint, capsys):
 
 
 def test_refusals_are_reported(checkpoint, tmp_path, capsys):
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for name in ("model.safetensors", "config.json"):
-        (bare / name).write_bytes((checkpoint / name).read_bytes())
-    meta = json.loads((bare / "config.json").read_text())
-    del meta["vae"]
-    (bare / "config.json").write_text(json.dumps(meta))
+    meta = read_meta(checkpoint)
+    bare = write_tiny_checkpoint(tmp_path / "bare", model=XUTDenoiser.from_pretrained(checkpoint),
+                                 text_encoder=meta.text_encoder, vae=None, stage={})
     assert sample_job.main(["--checkpoint", str(bare), "--prompt", "a", *SMALL, "--out", str(tmp_path)]) == 3
     assert "names no VAE" in capsys.readouterr().err
     assert sample_job.main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "a", "--out", str(tmp_path)]) == 3

@@ -4,13 +4,13 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hdm_model import HDMPipeline, build_denoiser, load_official_hdm
 from jobs import export as export_job
 
 from tests.hdm_model.original_layouts import arch_of, spec_shapes
-from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae
+from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae, write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +20,9 @@ def checkpoint(tmp_path_factory):
     te_dir, vae_dir = make_tiny_text_encoder(root / "te"), make_tiny_vae(root / "vae")
     torch.manual_seed(0)
     model = build_denoiser("tiny")
-    directory = model.save_pretrained(root / "ckpt")
     ema = {k: v + 0.01 for k, v in model.state_dict().items()}
-    save_file(ema, directory / "ema.safetensors")
-    meta = json.loads((directory / "config.json").read_text())
-    meta.update(text_encoder={"id": str(te_dir), "max_length": 16}, vae=str(vae_dir), stage={"res": 256, "step": 3})
-    (directory / "config.json").write_text(json.dumps(meta))
+    directory = write_tiny_checkpoint(root / "ckpt", model=model, text_encoder=te_dir, vae=vae_dir,
+                                      stage={"res": 256, "step": 3}, ema=ema)
     return dict(dir=directory, model=model, ema=ema, root=root)
 
 
