@@ -10,16 +10,22 @@
     params = { res = 64, steps = 300 }   # fields of the job's own config model (TrainStageConfig here)
     plan = { throughput = 20.0 }  # samples/s per worker, for --dry-run's time estimate
 
+    [stages.train-128]
+    extends = "train-64"          # train-64's kind and params (resolve_extends), plus these
+    needs = ["precompute", "train-64"]
+    params = { res = 128 }
+
 A stage's outputs are inputs of its dependents (the wiring in KINDS); no path is written twice. `${NAME}` in
-a string is the environment variable NAME. A stage's
-digest hashes its kind, its params and the digests of the stages it reads from, so a changed stage
-reruns with everything downstream of it, and an unchanged one is skipped when its MLflow run finished.
-This module plans; `pipelines/dag/runner.py` submits the jobs.
+a string is the environment variable NAME. A stage's digest hashes its kind, its resolved params (its
+parent's included) and the digests of the stages it reads from, so a changed stage reruns with everything
+downstream of it and every stage that extends it, and an unchanged one is skipped when its MLflow run
+finished. This module plans; `pipelines/dag/runner.py` submits the jobs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -32,7 +38,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from pipelines.config import S3Options, StrictModel, TrackingOptions, check_uri
 from pipelines.data.config import PrecomputeConfig
-from pipelines.train.config import TrainStageConfig, VAETrainConfig
+from pipelines.train.config import TrainStageConfig, VAETrainConfig, derive_params
 
 
 @dataclass(frozen=True)
@@ -94,10 +100,17 @@ class PlanFigures(StrictModel):
 
 
 class StageSpec(StrictModel):
-    kind: Literal["demo_data", "ingest", "vae", "precompute", "train", "evaluate", "sample"]
-    needs: list[str] = []
-    params: dict[str, Any] = {}
-    plan: PlanFigures = PlanFigures()
+    kind: Literal["demo_data", "ingest", "vae", "precompute", "train", "evaluate", "sample"] | None = None
+    extends: str | None = None  # a stage whose kind and params this one starts from (resolve_extends)
+    needs: list[str] = []  # never inherited
+    params: dict[str, Any] = {}  # after validation: resolved, the parent's included
+    plan: PlanFigures = PlanFigures()  # never inherited
+
+    @model_validator(mode="after")
+    def _kind(self) -> StageSpec:
+        if self.kind is None and self.extends is None:
+            raise ValueError("kind is missing (or say which stage this one `extends`)")
+        return self
 
 
 class PipelineOptions(StrictModel):
@@ -154,6 +167,11 @@ class PipelineConfig(StrictModel):
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"stage name {name!r}: use letters, digits, '-' and '_'")
         return stages
+
+    @field_validator("stages")
+    @classmethod
+    def _extends(cls, stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+        return resolve_extends(stages)
 
     @model_validator(mode="after")
     def _graph(self) -> PipelineConfig:
@@ -212,6 +230,51 @@ class PipelineConfig(StrictModel):
                     out.add(n)
                     todo.append(n)
         return out
+
+
+def _lineage(stages: dict[str, StageSpec], name: str) -> list[str]:
+    """`name`, the stage it extends, that stage's parent, ... up to a stage that extends none."""
+    line = [name]
+    while (parent := stages[line[-1]].extends) is not None:
+        if parent not in stages:
+            raise ValueError(f"stage {line[-1]!r} extends {parent!r}, which is not a stage of this pipeline "
+                             f"(stages: {', '.join(stages)})")
+        if parent in line:
+            raise ValueError(f"stage {name!r}: extends form a cycle: {' -> '.join([*line, parent])}")
+        line.append(parent)
+    return line
+
+
+def inherit(kind: str, parent: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """A stage's params from its parent's and its own: a training stage's by TrainStageConfig's derive rule
+    (recipe values follow the new resolution), other kinds' by a plain merge; a table replaces the parent's."""
+    return derive_params(parent, own) if kind == "train" else {**parent, **own}
+
+
+def resolve_extends(stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
+    """Every stage with its kind and params resolved: a stage that `extends` another takes its kind (an
+    explicit one must agree) and its resolved params, minus the inputs this stage's own needs provide
+    (those are wired, not copied), merged with its own params by `inherit`."""
+    kinds: dict[str, str] = {}
+    for name in stages:
+        line = _lineage(stages, name)
+        kind = stages[line[-1]].kind
+        for child, parent in reversed(list(itertools.pairwise(line))):
+            if stages[child].kind not in (None, kind):
+                raise ValueError(f"stage {child!r} (kind {stages[child].kind}) extends {parent!r} (kind {kind}): "
+                                 "a stage extends only a stage of its own kind")
+        kinds[name] = kind
+
+    def params(name: str) -> dict[str, Any]:
+        spec = stages[name]
+        if spec.extends is None:
+            return dict(spec.params)
+        wired = {inp.field for inp in KINDS[kinds[name]].inputs if any(kinds.get(n) == inp.kind for n in spec.needs)}
+        inherited = {k: v for k, v in params(spec.extends).items() if k not in wired}
+        return inherit(kinds[name], inherited, spec.params)
+
+    return {name: spec.model_copy(update={"kind": kinds[name], "params": params(name)})
+            for name, spec in stages.items()}
 
 
 def storage_root(config: PipelineConfig, cwd: Path | None = None) -> str:

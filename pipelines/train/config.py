@@ -154,12 +154,18 @@ class TrainStageConfig(StrictModel):
         return self.name or f"train-{self.res}"
 
     def derive(self, **overrides: Any) -> TrainStageConfig:
-        """The next stage: this one's fields plus explicit overrides. Recipe fields that still hold this
-        resolution's recipe value follow the new resolution's recipe; values set on purpose carry over."""
-        data = self.model_dump()
-        recipe = recipe_for(self.res)
-        data = {k: v for k, v in data.items() if not (k in recipe and _same(v, recipe[k]))}
-        return TrainStageConfig.model_validate({**data, "name": None, **overrides})
+        """The next stage: this one's fields plus explicit overrides (by derive_params' rule)."""
+        return TrainStageConfig.model_validate(derive_params(self.model_dump(), overrides))
+
+
+def derive_params(parent: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The params of a stage derived from another's (TrainStageConfig fields): recipe fields that hold the
+    parent resolution's recipe value are dropped, so they follow the new resolution's recipe (RECIPE);
+    values set on purpose carry over; the run name does not; `overrides` go on top. The rule of
+    TrainStageConfig.derive and of a DAG stage's `extends` (pipelines/dag/spec.py)."""
+    recipe = recipe_for(parent["res"]) if isinstance(parent.get("res"), int) else {}
+    kept = {k: v for k, v in parent.items() if k != "name" and not (k in recipe and _same(v, recipe[k]))}
+    return {**kept, **overrides}
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -1,12 +1,17 @@
-"""The deployment files agree with the code: every manifest parses; every job command in a manifest or in
-the deployment docs is accepted by that job's own parser; GPU requests match the workers that ask for
-them; services stay on loopback or cluster-internal addresses; no credential is written into a file."""
+"""The deployment files agree with the code: every manifest parses; every job command in a manifest (the
+training RayJobs as `kubectl kustomize` renders their overlays) or in the deployment docs is accepted by
+that job's own parser; GPU requests match the workers that ask for them; services stay on loopback or
+cluster-internal addresses; no credential is written into a file."""
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib
 import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,7 @@ from pipelines.secrets import is_secret_name
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
+TRAIN = K8S / "jobs" / "train"  # kustomize: base/ (a Component) and one overlay per training stage
 NODE = ROOT / "infra" / "node"
 DOCS = {"node": ROOT / "docs" / "node.md", "kubernetes": ROOT / "docs" / "kubernetes.md"}
 JOB_SCRIPT = re.compile(r"^(?:.*/)?jobs/(\w+)\.py$")
@@ -34,7 +40,28 @@ def k8s_objects() -> list[dict]:
 
 
 def of_kind(kind: str) -> list[dict]:
-    return [doc for doc in k8s_objects() if doc.get("kind") == kind]
+    """The objects of that kind the manifests apply: plain files as written, the training stages' overlays
+    rendered (kustomize's inputs under TRAIN are not objects until then)."""
+    plain = [doc for path in sorted(K8S.rglob("*.yaml")) if not path.is_relative_to(TRAIN)
+             for doc in yaml_documents(path)]
+    rendered = [doc for docs in train_overlays().values() for doc in docs] if kind == "RayJob" else []
+    return [doc for doc in plain + rendered if doc.get("kind") == kind]
+
+
+@functools.cache
+def train_overlays() -> dict[str, list[dict]]:
+    """{overlay folder name: the objects `kubectl kustomize` renders from it} for each training stage."""
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not installed: the training RayJobs are kustomize overlays (infra/k8s/jobs/train) "
+                    "that `kubectl kustomize` renders")
+    rendered = {}
+    for path in sorted(TRAIN.glob("*/kustomization.yaml")):
+        if yaml_documents(path)[0]["kind"] == "Kustomization":  # not base/, a Component they all include
+            result = subprocess.run(["kubectl", "kustomize", str(path.parent)], capture_output=True, text=True,
+                                    timeout=60)
+            assert result.returncode == 0, f"kubectl kustomize {path.parent}: {result.stderr}"
+            rendered[path.parent.name] = [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+    return rendered
 
 
 def job_invocations(command: str) -> list[tuple[str, list[str]]]:
@@ -196,6 +223,32 @@ def test_doc_job_commands_are_accepted_by_the_jobs(doc):
     assert {"precompute_latents", "train_stage"} <= {name for name, _ in invocations}
     for name, args in invocations:
         parse_job(name, args)
+
+
+def test_train_jobs_differ_only_in_name_res_init_from_and_steps():
+    """The four training RayJobs: one base, and per stage what the DAG's recipe (hdm_xut_base.toml) says."""
+    from pipelines.config import load_config
+    from pipelines.dag.spec import PipelineConfig
+
+    overlays = train_overlays()
+    assert sorted(overlays) == ["train-1024", "train-256", "train-512", "train-768"]
+    dag = load_config(PipelineConfig, ROOT / "pipelines" / "dag" / "configs" / "hdm_xut_base.toml")
+    recipe_steps = {s.params["res"]: s.params["steps"] for s in dag.stages.values() if s.kind == "train"}
+    shared = []
+    for name, docs in sorted(overlays.items()):
+        assert [doc["kind"] for doc in docs] == ["RayJob"], name  # the overlay's ConfigMap stays local
+        job = copy.deepcopy(docs[0])
+        words = shlex.split(job["spec"]["entrypoint"])
+        values = {flag: words[words.index(flag) + 1] for flag in ("--res", "--init-from", "--steps")}
+        res = int(values["--res"])
+        assert job["metadata"]["name"] == f"hdm-{name}" == f"hdm-train-{res}"
+        assert values["--init-from"] == ("none" if res == min(recipe_steps) else "auto"), name
+        assert int(values["--steps"]) == recipe_steps[res], name
+        for flag in values:
+            words[words.index(flag) + 1] = "<stage>"
+        job["metadata"]["name"], job["spec"]["entrypoint"] = "<stage>", shlex.join(words)
+        shared.append(job)
+    assert all(job == shared[0] for job in shared)
 
 
 def test_kubernetes_doc_runs_what_the_rayjobs_run():

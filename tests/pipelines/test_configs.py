@@ -3,6 +3,7 @@ from pydantic import ValidationError
 
 from pipelines.config import load_config
 from pipelines.data.config import PrecomputeConfig
+from pipelines.train.config import RECIPE, TrainStageConfig, derive_params
 
 
 def test_defaults_and_sorting():
@@ -55,3 +56,19 @@ def test_default_vae_matches_the_model_package_and_configs_do_not_import_torch()
     probe = "import sys, pipelines.data.precompute; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_a_derived_stage_follows_the_new_recipe_and_keeps_values_set_on_purpose():
+    first = TrainStageConfig(res=256, latents="l", storage="s", name="mine", batch_size=16, ema_decay=0.999, steps=5,
+                             base_lr=RECIPE[256]["base_lr"])  # the recipe's value, as if written out
+    second = first.derive(res=512, steps=7)
+    recipe = ("base_lr", "betas", "grad_accum")
+    assert (second.base_lr, second.betas, second.grad_accum) == tuple(RECIPE[512][k] for k in recipe)
+    assert (second.batch_size, second.ema_decay, second.steps, second.run_name) == (16, 0.999, 7, "train-512")
+    assert first.derive(res=512, batch_size=8).batch_size == 8  # an override wins
+
+    # the same rule on the params as written (what a DAG stage's `extends` uses): recipe values at the parent's
+    # resolution are dropped (betas as TOML writes them, a list), the rest carries over, the name does not
+    parent = {"res": 256, "name": "mine", "betas": [0.9, 0.98], "grad_accum": 1, "sample": {"every": 5}}
+    assert derive_params(parent, {"res": 512}) == {"res": 512, "grad_accum": 1, "sample": {"every": 5}}
+    assert derive_params({"model": "tiny"}, {"res": 64}) == {"model": "tiny", "res": 64}
