@@ -35,11 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from pipelines.config import load_config
-    from pipelines.dag.spec import PipelineConfig, format_plan, plan
+    from pipelines.dag.estimate import format_plan
+    from pipelines.dag.spec import DagConfig, plan
 
     args = build_parser().parse_args(argv)
     try:
-        config = load_config(PipelineConfig, args.config, {"pipeline.storage": args.storage})
+        config = load_config(DagConfig, args.config, {"pipeline.storage": args.storage})
         report = format_plan(config, plan(config))  # validates every stage's job config too
     except (ValidationError, ValueError, OSError) as e:
         print(f"{args.config}: invalid pipeline:\n{e}", file=sys.stderr)
@@ -50,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(report)
         return 0
-    from pipelines.dag.runner import PipelineRunner, format_results
+    from pipelines.dag.runner import DagRunner, format_results
 
-    runner = PipelineRunner(config, address=args.address)
+    runner = DagRunner(config, address=args.address)
     results = runner.run(from_stage=args.from_stage)
     print(format_results(results), flush=True)
     uri = runner.tracking_uri

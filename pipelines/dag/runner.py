@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pipelines.dag.spec import KINDS, PipelineConfig, StagePlan, experiment, job_config, plan, storage_root
+from pipelines.dag.spec import KINDS, DagConfig, StagePlan, experiment, job_config, plan, storage_root
 from pipelines.storage import exists, resolve
 from pipelines.tracking import (CHECKPOINT_TAG, DAG_DIGEST_TAG, DAG_DONE_TAG, DAG_ERROR_TAG, DAG_KIND_TAG,
                                 DAG_OUTPUT_TAG, DAG_STAGE_TAG, StageRun)
@@ -45,7 +45,7 @@ def default_address() -> str:
     return os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
 
 
-def log_dir_for(config: PipelineConfig) -> Path:
+def log_dir_for(config: DagConfig) -> Path:
     """Where stage logs are kept: STORAGE/_logs for local storage, else ~/.hdm/logs/NAME."""
     root = storage_root(config)
     if root.startswith("s3://"):
@@ -53,8 +53,8 @@ def log_dir_for(config: PipelineConfig) -> Path:
     return Path(root) / "_logs"
 
 
-class PipelineRunner:
-    def __init__(self, config: PipelineConfig, *, address: str | None = None, out: TextIO = sys.stdout,
+class DagRunner:
+    def __init__(self, config: DagConfig, *, address: str | None = None, out: TextIO = sys.stdout,
                  poll_s: float = 1.0):
         from ray.job_submission import JobSubmissionClient
 

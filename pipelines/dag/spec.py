@@ -37,8 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipelines.config import S3Options, StrictModel, TrackingOptions, check_uri
-from pipelines.data.config import PrecomputeConfig
-from pipelines.train.config import TrainStageConfig, VAETrainConfig, derive_params
+from pipelines.train.config import derive_params
 
 
 @dataclass(frozen=True)
@@ -113,7 +112,7 @@ class StageSpec(StrictModel):
         return self
 
 
-class PipelineOptions(StrictModel):
+class DagOptions(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str  # root of every stage's output: local path (relative to the working directory) or s3://
     images: int | None = Field(None, ge=1)  # dataset size, for --dry-run's estimates
@@ -151,8 +150,8 @@ def expand_env(value: Any) -> Any:
     return value
 
 
-class PipelineConfig(StrictModel):
-    pipeline: PipelineOptions
+class DagConfig(StrictModel):
+    pipeline: DagOptions
     stages: dict[str, StageSpec] = Field(min_length=1)
 
     @model_validator(mode="before")
@@ -174,7 +173,7 @@ class PipelineConfig(StrictModel):
         return resolve_extends(stages)
 
     @model_validator(mode="after")
-    def _graph(self) -> PipelineConfig:
+    def _graph(self) -> DagConfig:
         for name, spec in self.stages.items():
             for need in spec.needs:
                 if need not in self.stages:
@@ -277,7 +276,7 @@ def resolve_extends(stages: dict[str, StageSpec]) -> dict[str, StageSpec]:
             for name, spec in stages.items()}
 
 
-def storage_root(config: PipelineConfig, cwd: Path | None = None) -> str:
+def storage_root(config: DagConfig, cwd: Path | None = None) -> str:
     """The storage URI with a local path made absolute (jobs run in another working directory)."""
     root = config.pipeline.storage
     if root.startswith("s3://"):
@@ -318,7 +317,7 @@ def _canonical(data: Any) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def plan(config: PipelineConfig, cwd: Path | None = None) -> list[StagePlan]:
+def plan(config: DagConfig, cwd: Path | None = None) -> list[StagePlan]:
     """Every stage in order with its digest and folder."""
     root = storage_root(config, cwd)
     digests: dict[str, str] = {}
@@ -335,7 +334,7 @@ def plan(config: PipelineConfig, cwd: Path | None = None) -> list[StagePlan]:
     return plans
 
 
-def job_config(config: PipelineConfig, stage: StagePlan, upstream_outputs: dict[str, dict[str, str]], *,
+def job_config(config: DagConfig, stage: StagePlan, upstream_outputs: dict[str, dict[str, str]], *,
                tracking_uri: str | None, parent_run_id: str | None) -> dict[str, Any]:
     """The config a stage's job gets: its params, its wired inputs, its output folder, shared options."""
     kind = KINDS[stage.kind]
@@ -356,12 +355,12 @@ def job_config(config: PipelineConfig, stage: StagePlan, upstream_outputs: dict[
     return data
 
 
-def experiment(config: PipelineConfig) -> str:
+def experiment(config: DagConfig) -> str:
     tracking = config.pipeline.tracking
     return tracking.experiment if "experiment" in tracking.model_fields_set else config.pipeline.name
 
 
-def validate_stage(config: PipelineConfig, stage: StagePlan) -> BaseModel:
+def validate_stage(config: DagConfig, stage: StagePlan) -> BaseModel:
     """The stage's job config, validated by the job's own model, with placeholders for upstream outputs."""
     placeholders = {s: {o: uri_join(storage_root(config), s, "<output>") for o in KINDS[config.stages[s].kind].outputs}
                     for s in config.stages}
@@ -371,80 +370,3 @@ def validate_stage(config: PipelineConfig, stage: StagePlan) -> BaseModel:
     except ValidationError as e:
         raise ValueError(f"stage {stage.name!r} (kind {stage.kind}, {KINDS[stage.kind].job}): "
                          f"invalid params:\n{e}") from None
-
-
-# --- --dry-run estimates -------------------------------------------------------------------------------
-
-LATENT_BYTES_PER_CELL = 4 * 2  # 4 channels, fp16 (an f8c4 VAE: EQ-SDXL-VAE and the tiny configs)
-
-
-def estimate(config: PipelineConfig, stage: StagePlan, job: BaseModel) -> dict[str, Any]:
-    """What --dry-run prints for a stage: work, storage, time and worker-hours where figures allow."""
-    spec = config.stages[stage.name]
-    figures = spec.plan
-    images = figures.images or config.pipeline.images
-    out: dict[str, Any] = {}
-    if isinstance(job, (TrainStageConfig, VAETrainConfig)):  # both train on Ray Train: workers x batch [x accum]
-        workers = job.workers or (4 if config.pipeline.use_gpu else 2)
-        accum = getattr(job, "grad_accum", 1)
-        samples = job.steps * job.batch_size * accum * workers
-        out.update(steps=job.steps, workers=workers, samples=samples,
-                   batch=f"{workers} x {job.batch_size} x {accum} accum")
-        if images and isinstance(job, TrainStageConfig):
-            out["epochs"] = samples / images
-        if figures.throughput:
-            hours = samples / (figures.throughput * workers) / 3600
-            out.update(hours=hours, worker_hours=hours * workers)
-    elif isinstance(job, PrecomputeConfig):
-        if images:
-            copies = 2 if job.store_std else 1
-            out["storage"] = {r: images * (r // 8) ** 2 * LATENT_BYTES_PER_CELL * copies for r in job.resolutions}
-            if figures.throughput:
-                out["hours"] = images * len(job.resolutions) / figures.throughput / 3600
-    elif images and figures.throughput:
-        out["hours"] = images / figures.throughput / 3600
-    return out
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:,.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
-
-def format_plan(config: PipelineConfig, stages: list[StagePlan]) -> str:
-    """The --dry-run report: stages in order, what each does and costs, totals."""
-    lines = [f"pipeline {config.pipeline.name}: {len(stages)} stages, storage {storage_root(config)}, "
-             f"MLflow experiment {experiment(config)!r}"]
-    total_hours = total_worker_hours = 0.0
-    known = True
-    for i, stage in enumerate(stages, 1):
-        job = validate_stage(config, stage)
-        est = estimate(config, stage, job)
-        needs = ", ".join(stage.needs) or "-"
-        lines.append(f"{i:2d}. {stage.name} [{stage.kind}: {KINDS[stage.kind].job}] needs {needs}")
-        lines.append(f"      output {stage.folder}")
-        details = []
-        if "steps" in est:
-            details.append(f"{est['steps']:,} steps, {est['samples']:,} samples ({est['batch']})")
-        if "epochs" in est:
-            details.append(f"{est['epochs']:.2f} epochs")
-        if "storage" in est:
-            details.append("latents " + ", ".join(f"{r} px {_size(b)}" for r, b in est["storage"].items())
-                           + " (square images, fp16)")
-        if "hours" in est:
-            details.append(f"about {est['hours']:.2f} h")
-            total_hours += est["hours"]
-        elif stage.kind in ("train", "vae", "precompute"):
-            known = False
-        if "worker_hours" in est:
-            details.append(f"{est['worker_hours']:.1f} {'GPU' if config.pipeline.use_gpu else 'worker'}-hours")
-            total_worker_hours += est["worker_hours"]
-        if details:
-            lines.append("      " + "; ".join(details))
-    unit = "GPU" if config.pipeline.use_gpu else "worker"
-    lines.append(f"total: about {total_hours:.1f} h, {total_worker_hours:.1f} {unit}-hours"
-                 + ("" if known else " (stages without plan.throughput not counted)"))
-    return "\n".join(lines)

@@ -228,11 +228,11 @@ def test_doc_job_commands_are_accepted_by_the_jobs(doc):
 def test_train_jobs_differ_only_in_name_res_init_from_and_steps():
     """The four training RayJobs: one base, and per stage what the DAG's recipe (hdm_xut_base.toml) says."""
     from pipelines.config import load_config
-    from pipelines.dag.spec import PipelineConfig
+    from pipelines.dag.spec import DagConfig
 
     overlays = train_overlays()
     assert sorted(overlays) == ["train-1024", "train-256", "train-512", "train-768"]
-    dag = load_config(PipelineConfig, ROOT / "pipelines" / "dag" / "configs" / "hdm_xut_base.toml")
+    dag = load_config(DagConfig, ROOT / "pipelines" / "dag" / "configs" / "hdm_xut_base.toml")
     recipe_steps = {s.params["res"]: s.params["steps"] for s in dag.stages.values() if s.kind == "train"}
     shared = []
     for name, docs in sorted(overlays.items()):

@@ -13,15 +13,16 @@ import pytest
 from pydantic import ValidationError
 
 from pipelines.config import load_config
-from pipelines.dag.spec import PipelineConfig, StagePlan, format_plan, job_config, plan, uri_join, validate_stage
+from pipelines.dag.estimate import format_plan
+from pipelines.dag.spec import DagConfig, StagePlan, job_config, plan, uri_join, validate_stage
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = ROOT / "pipelines" / "dag" / "configs"
 BASE = CONFIGS / "hdm_xut_base.toml"
 
 
-def _config(stages: dict, **pipeline) -> PipelineConfig:
-    return PipelineConfig.model_validate({"pipeline": {"name": "t", "storage": "/data/t", **pipeline}, "stages": stages})
+def _config(stages: dict, **pipeline) -> DagConfig:
+    return DagConfig.model_validate({"pipeline": {"name": "t", "storage": "/data/t", **pipeline}, "stages": stages})
 
 
 CHAIN = {
@@ -107,10 +108,10 @@ def test_storage_override_and_relative_storage(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('[pipeline]\nname = "p"\nstorage = "runs/p"\n[stages.i]\nkind = "ingest"\n'
                     'params = { url_list = "/u.parquet" }\n')
-    config = load_config(PipelineConfig, str(path))
+    config = load_config(DagConfig, str(path))
     (stage,) = plan(config, cwd=tmp_path)
     assert stage.folder.startswith(f"{tmp_path}/runs/p/i/")
-    moved = load_config(PipelineConfig, str(path), {"pipeline.storage": "s3://bucket/p"})
+    moved = load_config(DagConfig, str(path), {"pipeline.storage": "s3://bucket/p"})
     assert plan(moved)[0].folder.startswith("s3://bucket/p/i/")
 
 
@@ -150,7 +151,7 @@ WRITTEN_OUT = {
 }
 
 
-def _job(config: PipelineConfig, stage: StagePlan) -> dict:
+def _job(config: DagConfig, stage: StagePlan) -> dict:
     """The stage's validated job config, with its digest (in its folder, run name, stage key) left out."""
     digest = "0" * 64
     stage = dataclasses.replace(stage, digest=digest, folder=uri_join(stage.folder.rsplit("/", 2)[0], stage.name,
@@ -163,8 +164,8 @@ def test_configs_that_extend_resolve_to_the_written_out_stages(name, monkeypatch
     monkeypatch.setenv("HDM_DEMO_TEXT_ENCODER", "/models/text-encoder")
     data = tomllib.loads((CONFIGS / name).read_text())
     assert {n for n, spec in data["stages"].items() if "extends" in spec} == set(WRITTEN_OUT[name])
-    new = PipelineConfig.model_validate(data)
-    old = PipelineConfig.model_validate({**data, "stages": {**data["stages"], **WRITTEN_OUT[name]}})
+    new = DagConfig.model_validate(data)
+    old = DagConfig.model_validate({**data, "stages": {**data["stages"], **WRITTEN_OUT[name]}})
     assert list(new.stages) == list(old.stages)
     new_plan, old_plan = ({s.name: s for s in plan(c)} for c in (new, old))
     for stage, spec in old.stages.items():
