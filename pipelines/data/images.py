@@ -1,6 +1,6 @@
 """Decode, validate and resize one image (pure functions: the Ray stages call them per row).
 
-Failures raise `ImageError` with a short reason code, which becomes the `reason` of an errors/ row.
+Failures raise `ImageError` with a `ReasonCode`, which becomes the `reason_code` of an errors/ row.
 """
 
 from __future__ import annotations
@@ -13,16 +13,18 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipelines.data.latent_store import ReasonCode, reason_text
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 SIZE_MULTIPLE = 16  # pixels: 8 (VAE) x 2 (patch), so every latent side is even
 
 
 class ImageError(ValueError):
-    """An input that cannot become a training image; `reason` is a stable short code."""
+    """An input that cannot become a training image; `code` is a ReasonCode, `detail` free text."""
 
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+    def __init__(self, code: str, detail: str = ""):
+        super().__init__(reason_text(code, detail))
+        self.code, self.detail = code, detail
 
 
 @dataclass(frozen=True)
@@ -43,23 +45,23 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Bytes -> RGB image: EXIF orientation applied, alpha composited on white, first frame of animations,
     16-bit scaled to 8-bit. Raises ImageError for empty, non-image, truncated or oversized input."""
     if not data:
-        raise ImageError("empty_file")
+        raise ImageError(ReasonCode.EMPTY_FILE)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:  # header only: nothing decoded yet
-                raise ImageError("decompression_bomb", f"{img.width}x{img.height} px > {max_pixels}")
+                raise ImageError(ReasonCode.DECOMPRESSION_BOMB, f"{img.width}x{img.height} px > {max_pixels}")
             img.seek(0)
             img.load()
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError("decompression_bomb", str(e)) from None
+        raise ImageError(ReasonCode.DECOMPRESSION_BOMB, str(e)) from None
     except Image.UnidentifiedImageError:
-        raise ImageError("not_an_image") from None
+        raise ImageError(ReasonCode.NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError("corrupt_image", str(e)) from None
+        raise ImageError(ReasonCode.CORRUPT_IMAGE, str(e)) from None
     img = ImageOps.exif_transpose(img)
     return to_rgb(img)
 
@@ -83,7 +85,7 @@ def target_size(width: int, height: int, res: int, spec: TransformSpec) -> tuple
     res * max_aspect and cut down to a multiple of `spec.multiple` by a centre crop."""
     short, long = min(width, height), max(width, height)
     if short < res:
-        raise ImageError("too_small", f"short side {short} px < {res}")
+        raise ImageError(ReasonCode.TOO_SMALL, f"short side {short} px < {res}")
     long_resized = math.floor(res * long / short)  # torchvision Resize(int) rounds the long side down
     long_kept = min(long_resized, math.floor(res * spec.max_aspect))
     long_kept -= long_kept % spec.multiple

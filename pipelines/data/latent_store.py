@@ -6,6 +6,7 @@
 
 `latent` holds fp16 C-order bytes of shape `latent_shape` = [C, h, w] (normalised: (x - mean) / std);
 `latent_std` the posterior std in the same space, when stored. Readable by any Parquet reader.
+An error row's `reason_code` is one of `ReasonCode` (or an img2dataset status); `reason` is the full text.
 """
 
 from __future__ import annotations
@@ -38,13 +39,39 @@ LATENT_SCHEMA = pa.schema([
     ("latent", pa.binary()), ("latent_shape", pa.list_(pa.int32())), ("latent_std", pa.binary()),
 ])
 ERROR_SCHEMA = pa.schema([
-    ("key", pa.string()), ("source", pa.string()), ("stage", pa.string()), ("reason", pa.string()),
+    ("key", pa.string()), ("source", pa.string()), ("stage", pa.string()),
+    ("reason_code", pa.string()),  # what summaries and the manifest count (ReasonCode)
+    ("reason", pa.string()),  # "code: detail", or the code alone (reason_text)
     ("res", pa.int32()),  # null: the input failed for every resolution
 ])
 # What the encoder stage emits: both kinds of row in one table, told apart by `kind`.
 OUTPUT_SCHEMA = pa.schema([("kind", pa.string()), ("res", pa.int32())]
                           + [f for f in LATENT_SCHEMA if f.name not in ("res",)]
-                          + [f for f in ERROR_SCHEMA if f.name in ("stage", "reason")])
+                          + [f for f in ERROR_SCHEMA if f.name in ("stage", "reason_code", "reason")])
+
+
+class ReasonCode:
+    """The `reason_code` of an error row. img2dataset's own statuses (`failed_to_download`, ...) are codes
+    too, passed through as the input gives them, so this is not a closed set."""
+
+    EMPTY_FILE = "empty_file"
+    NOT_AN_IMAGE = "not_an_image"
+    CORRUPT_IMAGE = "corrupt_image"  # e.g. truncated
+    DECOMPRESSION_BOMB = "decompression_bomb"  # over max_pixels
+    TOO_SMALL = "too_small"  # short side below the resolution: that resolution only
+    UNREADABLE_SHARD = "unreadable_shard"
+    MISSING_IMAGE = "missing_image"  # an input row or sample without image bytes
+
+
+def reason_text(code: str, detail: str = "") -> str:
+    """The `reason` of an error row: the code, then the detail when there is one."""
+    return f"{code}: {detail}" if detail else code
+
+
+def _legacy_code(reason: str) -> str:
+    """The code of an error row written before `reason_code` existed: `reason` up to its first colon."""
+    return reason.split(":", 1)[0]
+
 
 MANIFEST = "manifest.json"
 
@@ -79,7 +106,7 @@ class LatentWriter:
         if errors.num_rows:
             part = errors.select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
             self._write(join(self.root, "errors", name), part)
-            stats["errors"].update(part["reason"].to_pylist())
+            stats["errors"].update(part["reason_code"].to_pylist())
         return stats
 
     def _write(self, path: str, table: pa.Table) -> None:
@@ -102,8 +129,8 @@ def done_keys(fs: pafs.FileSystem, root: str, resolutions: Iterable[int]) -> dic
 
 
 def count_rows(fs: pafs.FileSystem, root: str, resolutions: Iterable[int]) -> dict[str, Any]:
-    errors = _table(fs, join(root, "errors"), ["reason", "res"])
-    reasons = Counter(r.split(":", 1)[0] for r in errors["reason"].to_pylist())
+    errors = _table(fs, join(root, "errors"), ["reason_code", "res"])
+    reasons = Counter(errors["reason_code"].to_pylist())
     return {"rows": {str(res): len(_column(fs, res_dir(root, res), "key")) for res in resolutions},
             "errors": errors.num_rows, "errors_by_reason": dict(sorted(reasons.items()))}
 
@@ -113,7 +140,18 @@ def _table(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:
     if not files:
         return pa.table({c: pa.array([], type=ERROR_SCHEMA.field(c).type if c in ERROR_SCHEMA.names else pa.string())
                          for c in columns})
-    return pa.concat_tables(pq.read_table(f, columns=columns, filesystem=fs) for f in files)
+    return pa.concat_tables(_read(fs, f, columns) for f in files)
+
+
+def _read(fs: pafs.FileSystem, path: str, columns: list[str]) -> pa.Table:
+    """`columns` of one Parquet file; an errors/ file written before `reason_code` existed (an output made by
+    an older version, resumed) gets it derived from `reason`."""
+    if "reason_code" in columns and "reason_code" not in pq.read_schema(path, filesystem=fs).names:
+        wanted = [c for c in columns if c not in ("reason_code", "reason")] + ["reason"]
+        table = pq.read_table(path, columns=wanted, filesystem=fs)
+        codes = pa.array([_legacy_code(r) for r in table["reason"].to_pylist()], pa.string())
+        return table.append_column("reason_code", codes).select(columns)
+    return pq.read_table(path, columns=columns, filesystem=fs).select(columns)
 
 
 def _column(fs: pafs.FileSystem, path: str, column: str) -> list:

@@ -22,8 +22,8 @@ from ray.data.block import BlockAccessor
 from pipelines.cluster import CoreShare, cpu_threads
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.images import ImageError, TransformSpec, decode_image, resize_for_resolution, thumbnail
-from pipelines.data.latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, build_manifest, check_manifest, count_rows,
-                           done_keys, read_manifest, write_manifest)
+from pipelines.data.latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, build_manifest, check_manifest,
+                                         count_rows, done_keys, read_manifest, write_manifest)
 from pipelines.data.sources import Unit, error, list_units, read_unit
 from pipelines.storage import resolve
 
@@ -33,7 +33,7 @@ STREAM_SCHEMA = pa.schema([
     ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("res", pa.list_(pa.int32())), ("pixels", pa.list_(pa.binary())),
     ("pix_h", pa.list_(pa.int32())), ("pix_w", pa.list_(pa.int32())), ("thumb", pa.binary()),
-    ("stage", pa.string()), ("reason", pa.string()), ("err_res", pa.int32()),
+    ("stage", pa.string()), ("reason_code", pa.string()), ("reason", pa.string()), ("err_res", pa.int32()),
 ])
 
 
@@ -78,13 +78,13 @@ class PrepareStage:
         try:
             img = decode_image(data, max_pixels=self.max_pixels)
         except ImageError as e:
-            return [error(row["key"], row["source"], "decode", str(e)[:500])]
+            return [error(row["key"], row["source"], stage="decode", code=e.code, detail=e.detail)]
         errors, res, pixels, hs, ws = [], [], [], [], []
         for r in row["todo"]:
             try:
                 arr = resize_for_resolution(img, r, self.spec)
             except ImageError as e:
-                errors.append(error(row["key"], row["source"], "resize", str(e), res=r))
+                errors.append(error(row["key"], row["source"], stage="resize", code=e.code, detail=e.detail, res=r))
                 continue
             res.append(r), pixels.append(arr.tobytes()), hs.append(arr.shape[0]), ws.append(arr.shape[1])
         if not res:
@@ -199,7 +199,7 @@ class PrecomputeSummary:
     output: str
     inputs_listed: int
     rows: dict[int, int] = field(default_factory=dict)  # written by this run
-    errors: dict[str, int] = field(default_factory=dict)  # by reason code, this run
+    errors: dict[str, int] = field(default_factory=dict)  # by reason_code, this run
     seconds: float = 0.0
     totals: dict[str, Any] = field(default_factory=dict)  # the whole output, as in the manifest
 
@@ -248,19 +248,12 @@ def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
         sink = LatentDatasink(out_fs, out_root, config.rows_per_file)
         _build_dataset(config, in_fs, units, fmt, done, spec).write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
         summary.rows = {int(r): n for r, n in sink.stats["rows"].items()}
-        summary.errors = {reason.split(":", 1)[0]: n for reason, n in _by_code(sink.stats["errors"]).items()}
+        summary.errors = dict(sink.stats["errors"])
 
     summary.totals = count_rows(out_fs, out_root, manifest["resolutions"])
     write_manifest(out_fs, out_root, {**manifest, **summary.totals, "status": "complete"})
     summary.seconds = time.perf_counter() - start
     return summary
-
-
-def _by_code(reasons: Counter) -> Counter:
-    codes: Counter = Counter()
-    for reason, n in reasons.items():
-        codes[reason.split(":", 1)[0]] += n
-    return codes
 
 
 # CPU encoders: torch's allocator takes 2 MiB-aligned transparent huge pages for large tensors. A VAE encode

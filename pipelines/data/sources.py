@@ -17,6 +17,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.data.images import IMAGE_EXTENSIONS
+from pipelines.data.latent_store import ReasonCode, reason_text
 from pipelines.storage import exists, list_files, read_bytes
 
 IMAGE_COLUMNS = ("jpg", "png", "webp", "jpeg")
@@ -69,8 +70,11 @@ def item(key: str, source: str, data: bytes, caption: str | None, caption_source
             "caption_source": caption_source if caption else "none"}
 
 
-def error(key: str, source: str, stage: str, reason: str, res: int | None = None) -> dict:
-    return {"kind": "error", "key": key, "source": source, "stage": stage, "reason": reason, "err_res": res}
+def error(key: str, source: str, *, stage: str, code: str, detail: str = "", res: int | None = None) -> dict:
+    """An error row: `code` (a ReasonCode or an img2dataset status) is what gets counted; `res` None: every
+    resolution."""
+    return {"kind": "error", "key": key, "source": source, "stage": stage, "reason_code": code,
+            "reason": reason_text(code, detail)[:500], "err_res": res}
 
 
 def read_unit(fs: pafs.FileSystem, unit: Unit) -> Iterator[dict]:
@@ -86,7 +90,8 @@ def read_unit(fs: pafs.FileSystem, unit: Unit) -> Iterator[dict]:
         else:
             raise ValueError(f"unknown unit kind {unit.kind!r}")
     except Exception as e:  # noqa: BLE001 - a broken shard must not stop the job
-        yield error(unit.key or unit.path, unit.path, "read", f"unreadable_shard: {type(e).__name__}: {e}"[:500])
+        yield error(unit.key or unit.path, unit.path, stage="read", code=ReasonCode.UNREADABLE_SHARD,
+                    detail=f"{type(e).__name__}: {e}")
 
 
 def _status_error(row: dict, source: str) -> dict | None:
@@ -94,7 +99,7 @@ def _status_error(row: dict, source: str) -> dict | None:
     if status in (None, "success"):
         return None
     detail = row.get("error_message") or ""
-    return error(str(row["key"]), row.get("url") or source, "input", f"{status}: {detail}"[:500])
+    return error(str(row["key"]), row.get("url") or source, stage="input", code=str(status), detail=detail)
 
 
 def _caption_of(row: dict) -> str | None:
@@ -118,7 +123,7 @@ def _read_img2dataset_parquet(fs: pafs.FileSystem, path: str) -> Iterator[dict]:
                 if failed is not None:
                     yield failed
                 elif row.get(image_col) is None:
-                    yield error(str(row["key"]), row.get("url") or path, "input", "missing_image")
+                    yield error(str(row["key"]), row.get("url") or path, stage="input", code=ReasonCode.MISSING_IMAGE)
                 else:
                     yield item(str(row["key"]), row.get("url") or path, row[image_col], _caption_of(row), "input")
 
@@ -151,7 +156,7 @@ def _webdataset_sample(key: str, files: dict[str, bytes], source: str) -> Iterat
     meta = json.loads(files["json"]) if "json" in files else {}
     source = meta.get("url") or f"{source}#{key}"
     if image_ext is None:
-        yield error(key, source, "read", "missing_image")
+        yield error(key, source, stage="read", code=ReasonCode.MISSING_IMAGE)
         return
     caption = files["txt"].decode("utf-8", "replace") if "txt" in files else meta.get("caption")
     yield item(key, source, files[image_ext], caption, "input")

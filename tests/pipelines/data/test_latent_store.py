@@ -7,17 +7,19 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.data.latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, check_manifest, count_rows,
-                                    done_keys)
+from pipelines.data.latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, ReasonCode, check_manifest,
+                                         count_rows, done_keys, reason_text)
 from pipelines.data.sources import Unit, list_units, read_unit
 
 FS = pafs.LocalFileSystem()
 
 
 def _rows(*specs):
+    """OUTPUT_SCHEMA rows from (kind, key, res, reason code or None[, detail])."""
     rows = []
-    for kind, key, res, reason in specs:
-        rows.append({"kind": kind, "key": key, "res": res, "reason": reason, "stage": "decode" if reason else None,
+    for kind, key, res, code, *detail in specs:
+        rows.append({"kind": kind, "key": key, "res": res, "reason_code": code,
+                     "reason": reason_text(code, *detail) if code else None, "stage": "decode" if code else None,
                      "latent": b"\x00\x00" * 4 if kind == "latent" else None,
                      "latent_shape": [1, 2, 2] if kind == "latent" else None})
     return pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
@@ -27,15 +29,35 @@ def test_writer_splits_by_resolution_and_done_keys_include_errors(tmp_path):
     root = str(tmp_path)
     stats = LatentWriter(FS, root).write(_rows(("latent", "a", 256, None), ("latent", "a", 512, None),
                                                ("latent", "b", 256, None), ("error", "c", None, "not_an_image"),
-                                               ("error", "b", 512, "too_small: short side")))
+                                               ("error", "b", 512, "too_small", "short side")))
     assert stats["rows"] == {256: 2, 512: 1}
-    assert stats["errors"] == {"not_an_image": 1, "too_small: short side": 1}
+    assert stats["errors"] == {"not_an_image": 1, "too_small": 1}  # by reason_code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["errors", "res=256", "res=512"]
     done = done_keys(FS, root, [256, 512, 768])
     assert done == {256: {"a", "b", "c"}, 512: {"a", "b", "c"}, 768: {"c"}}
     assert count_rows(FS, root, [256, 512]) == {"rows": {"256": 2, "512": 1}, "errors": 2,
                                                "errors_by_reason": {"not_an_image": 1, "too_small": 1}}
     assert not any(p.name.startswith(".tmp") for p in tmp_path.rglob("*"))  # atomic writes leave nothing
+
+
+def test_errors_written_before_reason_code_are_read_by_their_reason(tmp_path):
+    """An output made before error rows had `reason_code`, resumed: its old errors/ files still end their keys
+    and count under the code their `reason` starts with, beside new files."""
+    old_schema = pa.schema([("key", pa.string()), ("source", pa.string()), ("stage", pa.string()),
+                            ("reason", pa.string()), ("res", pa.int32())])
+    (tmp_path / "errors").mkdir()
+    pq.write_table(pa.Table.from_pylist([
+        {"key": "a", "source": "s", "stage": "decode", "reason": "corrupt_image: broken data stream", "res": None},
+        {"key": "b", "source": "s", "stage": "resize", "reason": "too_small: short side 20 px < 64", "res": 64},
+        {"key": "c", "source": "u", "stage": "input", "reason": "failed_to_download: 404", "res": None},
+    ], schema=old_schema), tmp_path / "errors" / "part-old.parquet")
+    LatentWriter(FS, str(tmp_path)).write(_rows(("latent", "d", 32, None), ("error", "e", None, "not_an_image"),
+                                                ("error", "f", 64, "too_small", "short side 40 px < 64")))
+    assert done_keys(FS, str(tmp_path), [32, 64]) == {32: {"a", "c", "d", "e"}, 64: {"a", "b", "c", "e", "f"}}
+    assert count_rows(FS, str(tmp_path), [32, 64]) == {
+        "rows": {"32": 1, "64": 0}, "errors": 5,
+        "errors_by_reason": {ReasonCode.CORRUPT_IMAGE: 1, "failed_to_download": 1, ReasonCode.NOT_AN_IMAGE: 1,
+                             ReasonCode.TOO_SMALL: 2}}
 
 
 def test_manifest_mismatch_lists_every_difference():
@@ -73,6 +95,7 @@ def test_img2dataset_parquet_rows_and_failures(tmp_path):
     ok, failed = list(read_unit(FS, units[0]))
     assert ok["kind"] == "item" and ok["key"] == "000" and ok["caption"] == "cap" and ok["source"] == "http://x/0"
     assert failed["kind"] == "error" and failed["stage"] == "input" and failed["reason"] == "failed_to_download: 404"
+    assert failed["reason_code"] == "failed_to_download"
 
 
 def test_webdataset_tar_and_unreadable_shard(tmp_path):
@@ -90,6 +113,7 @@ def test_webdataset_tar_and_unreadable_shard(tmp_path):
         ("000", b"img0", "cap0", "u0"), ("001", b"img1", "", f"{units[0].path}#001")]
     (broken,) = read_unit(FS, units[1])
     assert broken["kind"] == "error" and broken["reason"].startswith("unreadable_shard")
+    assert broken["reason_code"] == ReasonCode.UNREADABLE_SHARD
 
 
 def test_missing_input_is_a_clear_error(tmp_path):

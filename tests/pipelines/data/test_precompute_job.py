@@ -76,7 +76,8 @@ def test_folder_job_via_ray_job_submit(ray_cluster, vae_dir, tmp_path):
     got = check_counts(fs, root, ok, len(selected))
 
     # every bad input has its reason, once, at the right resolution(s)
-    reasons = {(e["key"], e["res"]): e["reason"].split(":")[0] for e in got["errors"]}
+    reasons = {(e["key"], e["res"]): e["reason_code"] for e in got["errors"]}
+    assert all(e["reason"].startswith(e["reason_code"]) for e in got["errors"])  # the full text stays
     for case in selected:
         bad = {res: reason for res, reason in case.expected.items() if reason}
         if len(bad) == len(RES):
@@ -186,7 +187,7 @@ def test_img2dataset_output_as_input(ray_driver, vae_dir, http_images, tmp_path,
     assert summary.errors == {"failed_to_download": 1, "unreadable_shard": 1}
     fs = pafs.LocalFileSystem()
     errors = read_parts(fs, str(tmp_path / "latents" / "errors"))
-    by_reason = {e["reason"].split(":")[0]: e for e in errors}
+    by_reason = {e["reason_code"]: e for e in errors}
     assert by_reason["failed_to_download"]["source"].endswith("/missing.jpg")
     assert by_reason["failed_to_download"]["stage"] == "input"
     assert by_reason["unreadable_shard"]["source"].endswith("broken." + ("tar" if output_format == "webdataset" else "parquet"))

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import time
 
+import pyarrow as pa
 import pytest
+from PIL import Image
 
 from pipelines.cluster import CoreShare, cpu_marks
-from pipelines.data.precompute import default_encoders
+from pipelines.data.images import TransformSpec
+from pipelines.data.latent_store import ReasonCode
+from pipelines.data.precompute import STREAM_SCHEMA, PrepareStage, default_encoders
 
 
 @pytest.mark.parametrize(("resources", "gpus", "captioners", "blocks", "expected"), [
@@ -46,3 +51,18 @@ def test_cpu_marks_count_this_process_within_the_node():
     wall, busy, mine = (a - b for a, b in zip(after, before))
     assert mine >= 0.29 and wall >= mine * 0.9
     assert busy >= mine - 0.05  # the node's busy time includes ours (to a clock tick)
+
+
+def test_prepare_stage_error_rows_carry_their_reason_code():
+    """What the decode stage passes on (to the encoder, or to EQ-VAE's error log) has `reason_code` beside the
+    full `reason` text."""
+    png = io.BytesIO()
+    Image.new("RGB", (40, 40), "red").save(png, format="PNG")
+    items = [{"kind": "item", "key": "empty", "source": "s", "data": b"", "todo": [32]},
+             {"kind": "item", "key": "small", "source": "s", "data": png.getvalue(), "todo": [32, 64]}]
+    stage = PrepareStage(TransformSpec(max_aspect=3.0), max_pixels=10**6, want_thumbnail=False)
+    out = stage(pa.Table.from_pylist(items, schema=STREAM_SCHEMA)).to_pylist()
+    assert [(r["kind"], r["key"], r["stage"], r["reason_code"], r["err_res"]) for r in out] == [
+        ("error", "empty", "decode", ReasonCode.EMPTY_FILE, None), ("item", "small", None, None, None),
+        ("error", "small", "resize", ReasonCode.TOO_SMALL, 64)]
+    assert out[0]["reason"] == "empty_file" and out[2]["reason"] == "too_small: short side 40 px < 64"
