@@ -29,10 +29,14 @@ from pathlib import Path
 BIN = Path(sys.executable).parent  # the venv's bin: ray, moto_server and mlflow come from it
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(avoid: range = range(0)) -> int:
+    """A port free now on 127.0.0.1, outside `avoid` (e.g. a range already handed to Ray's workers)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
@@ -80,11 +84,12 @@ def start_ray_head(num_cpus: int = 2, log: Path | None = None, attempts: int = 2
 def _start_ray_head(num_cpus: int, log: Path | None) -> Service:
     temp = tempfile.mkdtemp(prefix="hdm-ray-")
     log = log or Path(temp) / "ray-start.log"
-    gcs, dash = free_port(), free_port()
-    ports = {f"--{name}": str(free_port()) for name in (
+    low = free_port()
+    workers = range(low, low + 201)  # Ray's worker ports: no other port of the node may fall inside
+    gcs, dash = free_port(workers), free_port(workers)
+    ports = {f"--{name}": str(free_port(workers)) for name in (
         "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
         "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
-    low = free_port()
     cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
            f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
            "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
