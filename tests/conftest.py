@@ -20,6 +20,18 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import services  # noqa: E402  (infra/local/services.py)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: their matmuls gain nothing from threads, and OpenMP
+    threads stall for milliseconds on a busy CPU. Use with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @contextlib.contextmanager
 def _reuse_or_start(env_keys: tuple[str, ...], start):
     if all(os.environ.get(k) for k in env_keys):

@@ -18,13 +18,7 @@ from .original_layouts import arch_of
 SMALL = dict(width=64, height=48, steps=3)  # 6 x 8 latent, 3 x 4 patch grid
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and OpenMP threads stall for milliseconds on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,7 @@ from pipelines.data.captioning import Captioner, merge_caption
 from tests.tiny_models import CORPUS, make_tiny_captioner
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and OpenMP threads stall for milliseconds on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
