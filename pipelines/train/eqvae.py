@@ -15,23 +15,24 @@ import json
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
 import ray
 import torch
 
-from pipelines.cluster import epoch_batches, scaling, set_train_threads
-from pipelines.train.config import VAETrainConfig
+from pipelines.cluster import epoch_batches, scaling
+from pipelines.config import S3Options
 from pipelines.data.images import TransformSpec
 from pipelines.data.precompute import PrepareStage, ReadStage
 from pipelines.data.sources import list_units
-from pipelines.storage import resolve
-from pipelines.tracking import StageRun
+from pipelines.storage import resolve, upload
+from pipelines.tracking import INPUT_TAG, STAGE_TAG, STAGE_VAE, VAE_OUTPUT_TAG, StageRun
+from pipelines.train.config import VAETrainConfig
+from pipelines.train.harness import WorkerContext, fit, quiet_progress_bars, seed_init
+from pipelines.train.step import apply_gradients, unwrap
 
 FIXED_TRANSFORMS = [(0.5, 0), (0.75, 1), (1.0, 1), (1.0, 2), (0.625, 3)]  # (scale, quarter turns) for eval
 
@@ -113,102 +114,124 @@ class EQObjective(torch.nn.Module):
 
 
 def train_loop(loop_config: dict) -> None:
-    """One Ray Train worker."""
-    import ray.train
-    import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
-
-    from hdm_model.eqvae import (EQConfig, LatentMoments, Transform, build_vae, equivariance_error, psnr,
-                                 reconstruct, set_latent_stats)
-
+    """One Ray Train worker: held-out metrics before (rank 0), training, the latent statistics (every rank),
+    metrics after and the saved VAE (rank 0), then a report of them all."""
     cfg = VAETrainConfig.model_validate(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    vae = build_vae(cfg.vae)
-    vae.encoder.requires_grad_(cfg.train != "decoder")
-    vae.quant_conv.requires_grad_(cfg.train != "decoder")
-    vae.decoder.requires_grad_(cfg.train != "encoder")
-    vae.post_quant_conv.requires_grad_(cfg.train != "encoder")
-    eq = EQConfig(p_eq=cfg.p_eq, kl_weight=cfg.kl_weight, pixel_loss=cfg.pixel_loss,
-                  lpips_weight=cfg.lpips_weight, adv_weight=cfg.adv_weight)
-    objective = ray.train.torch.prepare_model(EQObjective(vae, eq, cfg.train != "decoder"))
-    vae = objective.module.vae if isinstance(objective, DistributedDataParallel) else objective.vae
-    device = next(vae.parameters()).device
-    set_train_threads(device, ctx.get_local_world_size(), cfg.torch_threads)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    run = StageRun.attach(tracking_uri=loop_config["tracking_uri"], run_id=loop_config["run_id"]) if rank == 0 \
-        else StageRun(None, None)
-    held_out = torch.from_numpy(loop_config["eval"]).to(device)
-    transforms = [Transform(scale=s, k=k) for s, k in FIXED_TRANSFORMS]
+    worker = WorkerContext.start(torch_threads=cfg.torch_threads)
+    job = VAEWorker(cfg, worker, run=worker.tracking_run(loop_config), held_out=loop_config["eval"])
+    results: dict[str, float] = job.evaluate("before") if worker.is_chief else {}
+    job.run.log_metrics(results, step=0)
+    step = job.train()
+    mean, std = job.latent_stats()
+    if worker.is_chief:
+        results.update(job.evaluate("after"))
+        job.run.log_metrics(results, step=step)
+        job.run.log_params({"latents_mean": mean, "latents_std": std})
+        job.save(mean=mean, std=std, output=loop_config["output"], s3=S3Options.model_validate(loop_config["s3"]))
+    metrics = {**results, "step": step, "latents_mean": mean, "latents_std": std}
+    # Ray Train keeps the metrics of reports with a checkpoint: rank 0 writes one holding just the metrics
+    worker.report(metrics, write=lambda directory: (directory / "metrics.json").write_text(json.dumps(metrics)))
 
-    def evaluate(tag: str) -> dict[str, float]:
+
+class VAEWorker:
+    """The EQ-VAE job on one worker: the VAE (the parts `cfg.train` names trainable), its objective under DDP,
+    AdamW, this rank's draws, and the held-out images rank 0 scores."""
+
+    def __init__(self, cfg: VAETrainConfig, worker: WorkerContext, *, run: StageRun, held_out: np.ndarray):
+        import ray.train
+        import ray.train.torch
+
+        from hdm_model.eqvae import EQConfig, build_vae
+
+        self.cfg, self.worker, self.run, device = cfg, worker, run, worker.device
+        seed_init(cfg.seed)  # identical initial weights on every rank
+        vae = build_vae(cfg.vae)
+        vae.encoder.requires_grad_(cfg.train != "decoder")
+        vae.quant_conv.requires_grad_(cfg.train != "decoder")
+        vae.decoder.requires_grad_(cfg.train != "encoder")
+        vae.post_quant_conv.requires_grad_(cfg.train != "encoder")
+        eq = EQConfig(p_eq=cfg.p_eq, kl_weight=cfg.kl_weight, pixel_loss=cfg.pixel_loss,
+                      lpips_weight=cfg.lpips_weight, adv_weight=cfg.adv_weight)
+        self.objective = ray.train.torch.prepare_model(EQObjective(vae, eq, cfg.train != "decoder"))
+        self.vae = unwrap(self.objective).vae
+        self.params = [p for p in self.vae.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.held_out = torch.from_numpy(held_out).to(device)
+        self.shard = ray.train.get_dataset_shard("train")
+        # this rank's draws: crops and flips (numpy), the objective's transforms and posterior samples (torch)
+        self.rng = np.random.default_rng(cfg.seed + 1000 * worker.rank)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed + worker.rank)
+
+    def evaluate(self, tag: str) -> dict[str, float]:
+        """Held-out PSNR and equivariance error as `tag`/..., and a reconstruction grid."""
+        from hdm_model.eqvae import Transform, equivariance_error, psnr, reconstruct
+
+        vae, held_out = self.vae, self.held_out
         vae.eval()
         recon = reconstruct(vae, held_out)
-        metrics = {f"{tag}/psnr": psnr(recon, held_out), f"{tag}/eq_error": equivariance_error(vae, held_out, transforms)}
+        transforms = [Transform(scale=s, k=k) for s, k in FIXED_TRANSFORMS]
+        metrics = {f"{tag}/psnr": psnr(recon, held_out),
+                   f"{tag}/eq_error": equivariance_error(vae, held_out, transforms)}
         vae.train()
-        run.log_image(_grid(held_out, recon), f"reconstructions/{tag}.png")
+        self.run.log_image(_grid(held_out, recon), f"reconstructions/{tag}.png")
         return metrics
 
-    results: dict[str, float] = evaluate("before") if rank == 0 else {}
-    run.log_metrics(results, step=0)
-    shard = ray.train.get_dataset_shard("train")
-    rng = np.random.default_rng(cfg.seed + 1000 * rank)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed + rank)
-    step = 0
-    start = time.monotonic()
-    epoch = 0
-    while step < cfg.steps:
-        seen, epoch = 0, epoch + 1
-        # a new order every epoch (seeded): a small set otherwise repeats the same batches in the same order
-        for batch in epoch_batches(shard, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
-                                   seed=cfg.seed + 1000 * rank + epoch):
-            seen += 1
-            x = to_images(batch, cfg.crop_size, rng, cfg.min_scale).to(device)
-            loss, parts = objective(x, gen)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            step += 1
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                run.log_metrics({**{f"train/{k}": v for k, v in parts.items()},
-                                 "train/grad_norm": float(grad_norm)}, step=step)
-                if rank == 0:
-                    elapsed = time.monotonic() - start
-                    print(f"[train-vae] step {step}/{cfg.steps} loss {loss.item():.4f} "
-                          f"{step / elapsed:.1f} steps/s ETA {(cfg.steps - step) * elapsed / step / 60:.1f} min",
-                          flush=True)
-            if step >= cfg.steps:
-                break
-        if seen == 0:
-            raise RuntimeError(f"no training batch of {cfg.batch_size} images per worker: too few usable inputs")
+    def train(self) -> int:
+        """`cfg.steps` optimizer steps, epoch after epoch; the steps done."""
+        cfg, step, epoch = self.cfg, 0, 0
+        self.start = time.monotonic()
+        while step < cfg.steps:
+            seen, epoch = 0, epoch + 1
+            # a new order every epoch (seeded): a small set otherwise repeats the same batches in the same order
+            for batch in epoch_batches(self.shard, batch_size=cfg.batch_size, shuffle_buffer=cfg.shuffle_buffer,
+                                       seed=cfg.seed + 1000 * self.worker.rank + epoch):
+                seen, step = seen + 1, step + 1
+                self.train_step(batch, step=step)
+                if step >= cfg.steps:
+                    break
+            if seen == 0:
+                raise RuntimeError(f"no training batch of {cfg.batch_size} images per worker: too few usable inputs")
+        return step
 
-    moments = LatentMoments(channels=vae.config.latent_channels)
-    with torch.no_grad():
-        vae.eval()
-        for i, batch in enumerate(shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")):
-            if i * cfg.batch_size * ctx.get_world_size() >= cfg.stats_images:
-                break
-            moments.update(vae.encode(to_images(batch, cfg.crop_size, None).to(device)).latent_dist.sample(gen))
-    moments = _all_reduce(moments, device)
-    mean, std = moments.mean_std()
-    if rank == 0:
-        results.update(evaluate("after"))
-        set_latent_stats(vae, mean, std)
-        run.log_metrics(results, step=step)
-        run.log_params({"latents_mean": mean, "latents_std": std})
+    def train_step(self, batch: dict[str, np.ndarray], *, step: int) -> None:
+        """Augmented crops -> EQ-VAE loss -> backward -> clipped AdamW step (logged when due)."""
+        cfg = self.cfg
+        x = to_images(batch, cfg.crop_size, self.rng, cfg.min_scale).to(self.worker.device)
+        loss, parts = self.objective(x, self.gen)
+        loss.backward()
+        grad_norm = apply_gradients(self.params, self.opt, grad_clip=cfg.grad_clip)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            self.run.log_metrics({**{f"train/{k}": v for k, v in parts.items()},
+                                  "train/grad_norm": float(grad_norm)}, step=step)
+            if self.worker.is_chief:
+                elapsed = time.monotonic() - self.start
+                print(f"[train-vae] step {step}/{cfg.steps} loss {loss.item():.4f} "
+                      f"{step / elapsed:.1f} steps/s ETA {(cfg.steps - step) * elapsed / step / 60:.1f} min",
+                      flush=True)
+
+    def latent_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel latent mean and std over `cfg.stats_images` images of every worker (a collective)."""
+        from hdm_model.eqvae import LatentMoments
+
+        cfg, device = self.cfg, self.worker.device
+        moments = LatentMoments(channels=self.vae.config.latent_channels)
+        with torch.no_grad():
+            self.vae.eval()
+            for i, batch in enumerate(self.shard.iter_batches(batch_size=cfg.batch_size, batch_format="numpy")):
+                if i * cfg.batch_size * self.worker.world >= cfg.stats_images:
+                    break
+                x = to_images(batch, cfg.crop_size, None).to(device)
+                moments.update(self.vae.encode(x).latent_dist.sample(self.gen))
+        return _all_reduce(moments, device).mean_std()
+
+    def save(self, *, mean: list[float], std: list[float], output: str, s3: S3Options) -> None:
+        """The VAE with its latent statistics in its config, saved (save_pretrained) to `output`."""
+        from hdm_model.eqvae import set_latent_stats
+
+        set_latent_stats(self.vae, mean, std)
         with tempfile.TemporaryDirectory() as tmp:
-            vae.save_pretrained(tmp)
-            _upload(tmp, loop_config["output"], loop_config["s3"])
-    metrics = {**results, "step": step, "latents_mean": mean, "latents_std": std}
-    with tempfile.TemporaryDirectory() as tmp:  # Ray Train keeps the metrics of reports with a checkpoint
-        checkpoint = None
-        if rank == 0:
-            Path(tmp, "metrics.json").write_text(json.dumps(metrics))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
+            self.vae.save_pretrained(tmp)
+            upload(tmp, output, s3)
 
 
 def _all_reduce(moments, device):
@@ -227,14 +250,6 @@ def _grid(images: torch.Tensor, recon: torch.Tensor, limit: int = 8) -> np.ndarr
     rows = [torch.cat(list(t[:limit]), dim=-1) for t in (images, recon)]  # each (3, S, n*S)
     grid = torch.cat(rows, dim=-2)
     return ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-
-
-def _upload(local_dir: str, output: str, s3: dict) -> None:
-    from pipelines.config import S3Options
-
-    fs, path = resolve(output, S3Options.model_validate(s3))
-    fs.create_dir(path, recursive=True)
-    pafs.copy_files(local_dir, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
 @dataclass
@@ -257,19 +272,39 @@ class VAETrainSummary:
 def run_vae_training(config: VAETrainConfig) -> VAETrainSummary:
     """Run on the Ray cluster this process is connected to."""
     from ray.train import DataConfig, RunConfig
-    from ray.train.torch import TorchTrainer
 
     if config.lpips_weight or config.adv_weight:
         raise ValueError("LPIPS and adversarial terms need pretrained/extra weights not available here; "
                          "set lpips_weight = adv_weight = 0 (pixel + KL + equivariance objective)")
     print("train-vae: objective = pixel ({}) + KL ({}) + equivariance (p={}); LPIPS off (no VGG weights), "
           "adversarial off".format(config.pixel_loss, config.kl_weight, config.p_eq), flush=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # before any dataset: the log lines say more
+    quiet_progress_bars()
+    error_log = ErrorLog.remote()
+    train_ds, eval_images = _images(config, error_log)
+    run = StageRun.for_job(config.tracking, default_key=f"train-vae:{config.output}", default_name="train-vae",
+                           tags={STAGE_TAG: STAGE_VAE, INPUT_TAG: config.input})
+    run.log_params(config.model_dump(mode="json"))
+    result = fit(train_loop, run=run, tracking_uri=config.tracking.resolved_uri(), loop_config={
+        "config": config.model_dump(mode="json"), "eval": eval_images, "output": config.output,
+        "s3": config.s3.model_dump(mode="json")},
+        scaling_config=scaling(config.workers, config.use_gpu),
+        run_config=RunConfig(name="train-vae", storage_path=tempfile.mkdtemp(prefix="hdm-vae-")),
+        datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))
+    summary = VAETrainSummary(output=config.output, metrics=dict(result.metrics),
+                              errors=ray.get(error_log.counts.remote()), run_id=run.run_id)
+    run.log_metrics({f"input_errors/{k}": v for k, v in summary.errors.items()}, step=0)
+    run.set_tags({VAE_OUTPUT_TAG: config.output})
+    run.finish()
+    return summary
+
+
+def _images(config: VAETrainConfig, error_log) -> tuple[ray.data.Dataset, np.ndarray]:
+    """(training images, held-out centre crops (N, 3, S, S)) of the job's input: decoded and resized by Ray
+    Data tasks, rejected inputs sent to `error_log`; one key in eight held out."""
     fs, root = resolve(config.input, config.s3)
     _, units = list_units(fs, root, config.input_format)
     if not units:
         raise FileNotFoundError(f"no images under {config.input}")
-    error_log = ErrorLog.remote()
     size = config.image_size or config.crop_size
     ds = ray.data.from_items([u.__dict__ for u in units])
     ds = ds.map_batches(ReadStage(fs, [size], {size: set()}), batch_format="pyarrow", batch_size=8, num_cpus=0.5)
@@ -281,31 +316,4 @@ def run_vae_training(config: VAETrainConfig) -> VAETrainSummary:
         raise ValueError("no held-out image (one key in eight is held out): the input has too few usable images")
     eval_images = to_images({k: [r[k] for r in held_out] for k in ("pixels", "h", "w")}, config.crop_size,
                             None).numpy()
-    train_ds = ds.filter(lambda row: not is_held_out(row["key"]))
-
-    tracking_uri = config.tracking.resolved_uri()
-    run = StageRun.open(tracking_uri=tracking_uri, experiment=config.tracking.experiment,
-                        stage_key=config.tracking.stage_key or f"train-vae:{config.output}",
-                        run_name=config.tracking.run_name or "train-vae",
-                        parent_run_id=config.tracking.parent_run_id, tags={"hdm.stage": "train-vae",
-                                                                           "hdm.input": config.input})
-    run.log_params(config.model_dump(mode="json"))
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "eval": eval_images, "run_id": run.run_id,
-                           "tracking_uri": tracking_uri, "output": config.output,
-                           "s3": config.s3.model_dump(mode="json")},
-        scaling_config=scaling(config.workers, config.use_gpu),
-        run_config=RunConfig(name="train-vae", storage_path=tempfile.mkdtemp(prefix="hdm-vae-")),
-        datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))
-    try:
-        result = trainer.fit()
-    except Exception:
-        run.finish("FAILED")
-        raise
-    summary = VAETrainSummary(output=config.output, metrics=dict(result.metrics),
-                              errors=ray.get(error_log.counts.remote()), run_id=run.run_id)
-    run.log_metrics({f"input_errors/{k}": v for k, v in summary.errors.items()}, step=0)
-    run.set_tags({"hdm.output": config.output})
-    run.finish()
-    return summary
+    return ds.filter(lambda row: not is_held_out(row["key"])), eval_images

@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from pipelines.train.config import TrainStageConfig
 from pipelines.data.latent_store import read_manifest, write_manifest
-from pipelines.train.stage import find_previous_stage, resolve_init, run_training_stage
+from pipelines.train.lineage import find_previous_stage, resolve_init
+from pipelines.train.stage import run_training_stage
 from pipelines.storage import resolve
 from pipelines.tracking import (CHECKPOINT_TAG, INIT_FROM_TAG, INIT_REQUEST_TAG, MODEL_TAG, PARENT_TAG, PREV_RUN_TAG,
                                 RES_TAG, TEXT_ENCODER_TAG, StageRun)

@@ -1,5 +1,5 @@
-"""Parts of the training worker on their own: EMA maths and its checkpoint round trip, the batch prefetcher,
-the seeded draws and the resume by keys."""
+"""Parts of the training worker on their own (pipelines/train/batches.py, step.py, worker.py): EMA maths and
+its checkpoint round trip, the batch prefetcher, the seeded draws and the resume by keys."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from hdm_model import build_denoiser, build_optimizer, warmup_cosine_schedule
 from hdm_model.checkpoint import EMA_WEIGHTS, TRAINING_STATE
 from pipelines.cluster import cpu_threads, set_train_threads
 from pipelines.train.config import TrainStageConfig
-from pipelines.train.worker import (EMA, END_OF_EPOCH, BatchPrefetcher, LatentBatcher, MicroBatch,
-                                ResumedEpoch, _restore, derive_seed, save_checkpoint, step_generator, without_keys)
+from pipelines.train.batches import (END_OF_EPOCH, BatchPrefetcher, LatentBatcher, MicroBatch, ResumedEpoch,
+                                     derive_seed, step_generator, without_keys)
+from pipelines.train.step import EMA
+from pipelines.train.worker import restore_checkpoint, save_checkpoint
 
 
 def _set_weights(model: torch.nn.Module, value: torch.Tensor) -> None:
@@ -102,7 +104,7 @@ def test_checkpoint_saves_and_restores_ema_weights(tmp_path):
     assert not torch.equal(saved["unpatch.weight"], net.state_dict()["unpatch.weight"])  # EMA, not the weights
 
     fresh, fresh_opt, fresh_sched, fresh_ema = _trained(cfg, steps=0)
-    progress, done = _restore(tmp_path, fresh, fresh_opt, fresh_sched, fresh_ema)
+    progress, done = restore_checkpoint(tmp_path, fresh, fresh_opt, fresh_sched, fresh_ema)
     assert progress == {"step": 3, "epoch": 1} and done == {"k0", "k2"}
     for name, value in ema.shadow.items():
         torch.testing.assert_close(fresh_ema.shadow[name], value, rtol=0, atol=0)
@@ -116,7 +118,7 @@ def test_ema_turned_on_at_resume_starts_from_the_restored_weights(tmp_path):
                     progress={"step": 2, "epoch": 0}, epoch_keys=[])
     assert not (tmp_path / EMA_WEIGHTS).exists()
     fresh, fresh_opt, fresh_sched, fresh_ema = _trained(cfg, steps=0)
-    _restore(tmp_path, fresh, fresh_opt, fresh_sched, fresh_ema)
+    restore_checkpoint(tmp_path, fresh, fresh_opt, fresh_sched, fresh_ema)
     for name, value in net.state_dict().items():
         torch.testing.assert_close(fresh_ema.shadow[name], value, rtol=0, atol=0)
 
@@ -242,7 +244,7 @@ def test_derived_seeds_are_the_same_in_another_process():
     import subprocess
     import sys
 
-    code = "from pipelines.train.worker import derive_seed; print(derive_seed(7, 1, 'img0003'))"
+    code = "from pipelines.train.batches import derive_seed; print(derive_seed(7, 1, 'img0003'))"
     seeds = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "PYTHONHASHSEED": salt}).stdout.strip() for salt in ("1", "2")}
     assert seeds == {str(derive_seed(7, 1, "img0003"))}
@@ -265,7 +267,7 @@ def test_a_checkpoint_without_trained_keys_resumes_at_the_start_of_its_epoch(tmp
     del state["epoch_keys"]  # the format before resume by keys: a batch count and the global RNG
     torch.save({**state, "batch_in_epoch": 2, "rng": {"torch": torch.get_rng_state()}}, tmp_path / TRAINING_STATE)
     fresh, fresh_opt, fresh_sched, _ = _trained(cfg, steps=0)
-    assert _restore(tmp_path, fresh, fresh_opt, fresh_sched, None) == ({"step": 2, "epoch": 1}, frozenset())
+    assert restore_checkpoint(tmp_path, fresh, fresh_opt, fresh_sched, None) == ({"step": 2, "epoch": 1}, frozenset())
     assert "epoch 1 restarts from its beginning" in capsys.readouterr().out
 
 

@@ -1,0 +1,100 @@
+"""The Ray Train glue both training jobs share (the denoiser stage and the EQ-VAE job).
+
+Driver side: `quiet_progress_bars` before the job's datasets, then `fit`, which hands the workers the job's
+MLflow run and marks that run FAILED when training raises. Worker side: `WorkerContext.start` (rank, world,
+device, torch threads), `tracking_run` (the driver's run on rank 0, a disabled one elsewhere), `seed_init`
+and `report` (metrics from every rank, a checkpoint written by rank 0).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from pipelines.cluster import set_train_threads
+from pipelines.tracking import StageRun
+
+_RUN_ID, _TRACKING_URI = "run_id", "tracking_uri"  # what `fit` adds to the workers' loop config
+
+
+# ---------------------------------------------------------------------------------------------------
+# Driver side
+
+def quiet_progress_bars() -> None:
+    """Ray Data's progress bars off, before any dataset is made: the workers' log lines say more."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def fit(train_loop: Callable[[dict], None], *, run: StageRun, tracking_uri: str, loop_config: Mapping[str, Any],
+        **trainer_options: Any):
+    """`TorchTrainer(train_loop, ...).fit()`'s result; the workers get `loop_config` plus the run to log to.
+    `run` is marked FAILED when training raises (and the error raised)."""
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(train_loop, train_loop_config={**loop_config, _RUN_ID: run.run_id,
+                                                          _TRACKING_URI: tracking_uri}, **trainer_options)
+    try:
+        return trainer.fit()
+    except Exception:
+        run.finish("FAILED")
+        raise
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side
+
+def seed_init(seed: int) -> None:
+    """Seed torch's global RNG for the model's init: the same weights on every rank (DDP broadcasts rank 0's
+    anyway). Training draws come from their own generators, never from this one."""
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Where this Ray Train worker stands: its rank among `world` workers, `local_world` of them on its node."""
+
+    rank: int
+    world: int
+    local_world: int
+    device: torch.device
+
+    @classmethod
+    def start(cls, *, torch_threads: int | None) -> WorkerContext:
+        """This worker's context, its torch threads set (CPU workers: `set_train_threads`)."""
+        import ray.train
+        import ray.train.torch
+
+        train_context = ray.train.get_context()
+        worker = cls(rank=train_context.get_world_rank(), world=train_context.get_world_size(),
+                     local_world=train_context.get_local_world_size(), device=ray.train.torch.get_device())
+        set_train_threads(worker.device, worker.local_world, torch_threads)
+        return worker
+
+    @property
+    def is_chief(self) -> bool:
+        """Rank 0: the worker that logs, samples and writes checkpoints."""
+        return self.rank == 0
+
+    def tracking_run(self, loop_config: Mapping[str, Any]) -> StageRun:
+        """The job's run (from `fit`) on rank 0; a disabled run, where every call is a no-op, elsewhere."""
+        if not self.is_chief:
+            return StageRun(None, None)
+        return StageRun.attach(tracking_uri=loop_config[_TRACKING_URI], run_id=loop_config[_RUN_ID])
+
+    def report(self, metrics: Mapping[str, Any], *, write: Callable[[Path], None] | None = None) -> None:
+        """`ray.train.report(metrics)` on every rank (a collective), with the checkpoint that rank 0's
+        `write(directory)` fills, when given."""
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if write is not None and self.is_chief:
+                write(Path(tmp))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(dict(metrics), checkpoint=checkpoint)
