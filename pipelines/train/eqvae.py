@@ -14,6 +14,7 @@ import hashlib
 import json
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,21 +40,18 @@ FIXED_TRANSFORMS = [(0.5, 0), (0.75, 1), (1.0, 1), (1.0, 2), (0.625, 3)]  # (sca
 
 @ray.remote(num_cpus=0)
 class ErrorLog:
-    """Rejected inputs, once per key however many epochs re-read them."""
+    """Rejected inputs' reason codes (pipelines.data.latent_store.ReasonCode), once per key however many
+    epochs re-read them."""
 
     def __init__(self):
-        self.reasons: dict[str, str] = {}
+        self.codes: dict[str, str] = {}
 
     def record(self, rows: list[dict]) -> None:
         for row in rows:
-            self.reasons.setdefault(row["key"], row["reason"])
+            self.codes.setdefault(row["key"], row["reason_code"])
 
     def counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for reason in self.reasons.values():
-            code = reason.split(":", 1)[0]
-            out[code] = out.get(code, 0) + 1
-        return out
+        return dict(Counter(self.codes.values()))
 
 
 @dataclass
@@ -65,7 +63,7 @@ class KeepImages:
     def __call__(self, batch: pa.Table) -> pa.Table:
         errors = batch.filter(pc.equal(batch["kind"], "error"))
         if errors.num_rows:
-            self.error_log.record.remote(errors.select(["key", "reason"]).to_pylist())
+            self.error_log.record.remote(errors.select(["key", "reason_code"]).to_pylist())
         items = batch.filter(pc.equal(batch["kind"], "item")).to_pylist()
         return pa.table({"key": [r["key"] for r in items], "pixels": [r["pixels"][0] for r in items],
                          "h": [r["pix_h"][0] for r in items], "w": [r["pix_w"][0] for r in items]},
