@@ -136,9 +136,6 @@ class VAEWorker:
     AdamW, this rank's draws, and the held-out images rank 0 scores."""
 
     def __init__(self, cfg: VAETrainConfig, worker: WorkerContext, *, run: StageRun, held_out: np.ndarray):
-        import ray.train
-        import ray.train.torch
-
         from hdm_model.eqvae import EQConfig, build_vae
 
         self.cfg, self.worker, self.run, device = cfg, worker, run, worker.device
@@ -150,12 +147,12 @@ class VAEWorker:
         vae.post_quant_conv.requires_grad_(cfg.train != "encoder")
         eq = EQConfig(p_eq=cfg.p_eq, kl_weight=cfg.kl_weight, pixel_loss=cfg.pixel_loss,
                       lpips_weight=cfg.lpips_weight, adv_weight=cfg.adv_weight)
-        self.objective = ray.train.torch.prepare_model(EQObjective(vae, eq, cfg.train != "decoder"))
+        self.objective = worker.prepare_model(EQObjective(vae, eq, cfg.train != "decoder"))
         self.vae = unwrap(self.objective).vae
         self.params = [p for p in self.vae.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.held_out = torch.from_numpy(held_out).to(device)
-        self.shard = ray.train.get_dataset_shard("train")
+        self.shard = worker.dataset_shard("train")
         # this rank's draws: crops and flips (numpy), the objective's transforms and posterior samples (torch)
         self.rng = np.random.default_rng(cfg.seed + 1000 * worker.rank)
         self.gen = torch.Generator(device=device).manual_seed(cfg.seed + worker.rank)

@@ -2,13 +2,16 @@
 
 Driver side: `quiet_progress_bars` before the job's datasets, then `fit`, which hands the workers the job's
 MLflow run and marks that run FAILED when training raises. Worker side: `WorkerContext.start` (rank, world,
-device, torch threads), `tracking_run` (the driver's run on rank 0, a disabled one elsewhere), `seed_init`
-and `report` (metrics from every rank, a checkpoint written by rank 0).
+device, torch threads), its model, dataset shard and resumed checkpoint, `tracking_run` (the driver's run on
+rank 0, a disabled one elsewhere), `seed_init` and `report` (metrics from every rank, a checkpoint written by
+rank 0). The jobs' worker code reaches Ray Train only through here.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -80,6 +83,31 @@ class WorkerContext:
     def is_chief(self) -> bool:
         """Rank 0: the worker that logs, samples and writes checkpoints."""
         return self.rank == 0
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model on this worker's device, wrapped in DDP when there are several workers."""
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def dataset_shard(self, name: str = "train"):
+        """This worker's shard of the dataset the driver passed as `name`."""
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
+    @contextmanager
+    def resumed_checkpoint(self) -> Iterator[Path | None]:
+        """The local directory of the checkpoint Ray Train restarts this run from (a relaunch or a worker
+        failure), None on a fresh start."""
+        import ray.train
+
+        resume = ray.train.get_checkpoint()
+        if resume is None:
+            yield None
+            return
+        with resume.as_directory() as directory:
+            yield Path(directory)
 
     def tracking_run(self, loop_config: Mapping[str, Any]) -> StageRun:
         """The job's run (from `fit`) on rank 0; a disabled run, where every call is a no-op, elsewhere."""

@@ -122,27 +122,30 @@ class StageLoop:
     @classmethod
     def setup(cls, cfg: TrainStageConfig, worker: WorkerContext, loop_config: dict) -> StageLoop:
         """Text encoder, model (from `init_from` on a fresh start), step; resumed from Ray Train's checkpoint."""
-        import ray.train
-        import ray.train.torch
-
         from hdm_model import TextEncoder
 
         text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, max_length=cfg.ctx_length, device=worker.device,
                                                    cache_size=cfg.text_cache_size)
         seed_init(cfg.seed)  # the model's init only, the same on every rank; no training draw uses it
         model = build_model(cfg, ctx_dim=text_encoder.hidden_size)
-        resume, init = ray.train.get_checkpoint(), loop_config["init_from"]
+        with worker.resumed_checkpoint() as resume:
+            return cls._start(cfg, worker, loop_config, text_encoder=text_encoder, model=model, resume=resume)
+
+    @classmethod
+    def _start(cls, cfg: TrainStageConfig, worker: WorkerContext, loop_config: dict, *, text_encoder, model,
+               resume: Path | None) -> StageLoop:
+        """The loop from `init_from`'s weights on a fresh start, else from the checkpoint `resume`."""
+        init = loop_config["init_from"]
         if resume is None and init:
             with local_path(init, S3Options.model_validate(loop_config["s3"])) as path:
                 load_weights(model, path)
-        step = TrainStep.for_stage(cfg, ray.train.torch.prepare_model(model),
+        step = TrainStep.for_stage(cfg, worker.prepare_model(model),
                                    encode_text=partial(text_encoder, padding="max_length"), device=worker.device,
                                    rank=worker.rank, world=worker.world)
         loop = cls(cfg, worker, step=step, text_encoder=text_encoder, run=worker.tracking_run(loop_config),
                    vae=loop_config["vae"])
         if resume is not None:
-            with resume.as_directory() as directory:
-                loop.resume(Path(directory))
+            loop.resume(resume)
         elif init and loop.run.enabled:
             loop.run.set_tags({INIT_WEIGHTS_TAG: weights_digest(step.net)})
         return loop
@@ -171,13 +174,11 @@ class StageLoop:
     def open_data(self) -> BatchPrefetcher:
         """This worker's shard, from the run's epoch on: a resumed run starts without the keys trained in it
         (in step across ranks with `ResumedEpoch`, as they may then hold uneven batch counts)."""
-        import ray.train
-
         cfg, world = self.cfg, self.worker.world
         self.epoch_keys = EpochKeys(self.done_keys)
         self.resumed_epoch = ResumedEpoch(world=world, device=self.worker.device, blank=blank_batch(
             channels=self.step.net.config.in_channels, side=cfg.res // 8)) if self.done_keys and world > 1 else None
-        return BatchPrefetcher(ray.train.get_dataset_shard("train"), LatentBatcher(
+        return BatchPrefetcher(self.worker.dataset_shard("train"), LatentBatcher(
             caption_dropout=cfg.caption_dropout, seed=cfg.seed), batch_size=cfg.batch_size, epoch=self.epoch,
             done_keys=self.done_keys, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
 
