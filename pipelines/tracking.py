@@ -84,7 +84,7 @@ class StageRun:
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(
             experiment, artifact_location=_artifact_location(tracking_uri, experiment))
-        found = client.search_runs([exp_id], filter_string=f"tags.`{STAGE_KEY}` = '{stage_key}'", max_results=1)
+        found = _runs_tagged(client, exp_id, {STAGE_KEY: stage_key}, max_results=1)
         all_tags = {STAGE_KEY: stage_key, **{k: str(v) for k, v in (tags or {}).items()}}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
@@ -124,8 +124,7 @@ class StageRun:
 
         client = MlflowClient(tracking_uri=tracking_uri)
         exp = client.get_experiment_by_name(experiment)
-        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{STAGE_KEY}` = '{stage_key}'",
-                                   max_results=1) if exp is not None else []
+        found = [] if exp is None else _runs_tagged(client, exp.experiment_id, {STAGE_KEY: stage_key}, max_results=1)
         return cls(client, found[0].info.run_id if found else None)
 
     def state(self) -> RunState:
@@ -207,9 +206,15 @@ def search_runs(tracking_uri: str, *, experiment: str, tags: Mapping[str, str]) 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
+    return [RunRecord(r.info.run_id, r.info.run_name, r.info.status, dict(r.data.tags))
+            for r in _runs_tagged(client, exp.experiment_id, tags, max_results=5000)]
+
+
+def _runs_tagged(client, experiment_id: str, tags: Mapping[str, str], *, max_results: int) -> list:
+    """MLflow's runs of the experiment carrying every tag of `tags` with that value, newest start first."""
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs = client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=5000)
-    return [RunRecord(r.info.run_id, r.info.run_name, r.info.status, dict(r.data.tags)) for r in runs]
+    return client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"],
+                              max_results=max_results)
 
 
 def checkpoint_uri_of_run(tracking_uri: str, run_id: str, *, tag: str = CHECKPOINT_TAG) -> str:
