@@ -6,9 +6,18 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 AttnKernel = Literal["sdpa", "math"]
+# Activation checkpointing policy (training with grad only), what backward recomputes instead of keeping:
+#   none: nothing; outer: the pre and post blocks (they see every token, the routed backbone sees K of L);
+#   mlp: the SwiGLU sub-layer of every block (its 2 * mlp_dim hidden is the largest activation of a block);
+#   full: every block.
+Checkpointing = Literal["none", "outer", "mlp", "full"]
+RECOMPUTED: dict[str, frozenset[str]] = {  # policy -> the parts of the network it recomputes
+    "none": frozenset(), "outer": frozenset({"outer"}), "mlp": frozenset({"mlp"}),
+    "full": frozenset({"outer", "backbone"}),
+}
 # Fields that checkpoints written by earlier versions hold and nothing reads: ignored when loading.
 # ctx_size (text padding length) belongs to the training stage's config (ctx_length), not the model's shape.
 RETIRED_FIELDS = frozenset({"ctx_size"})
@@ -36,7 +45,7 @@ class XUTConfig:
     tread_rate: float = 0.5  # fraction of image tokens routed around the U backbone in training
     aspect_embed: bool = True  # aspect-ratio addon (original: addon_info_embs_dim = 1)
     attn_kernel: AttnKernel = "sdpa"  # "sdpa": torch scaled_dot_product_attention; "math": explicit softmax
-    grad_checkpointing: bool = False  # recompute each block in backward (training only)
+    checkpointing: Checkpointing = "none"  # activation checkpointing policy (see Checkpointing)
 
     def __post_init__(self) -> None:
         for name in ("patch_size", "in_channels", "dim", "ctx_dim", "heads", "head_dim", "mlp_dim",
@@ -54,6 +63,8 @@ class XUTConfig:
             raise ValueError(f"tread_rate must be in [0, 1), got {self.tread_rate}")
         if self.attn_kernel not in ("sdpa", "math"):
             raise ValueError(f"attn_kernel must be 'sdpa' or 'math', got {self.attn_kernel!r}")
+        if self.checkpointing not in get_args(Checkpointing):
+            raise ValueError(f"checkpointing must be one of {get_args(Checkpointing)}, got {self.checkpointing!r}")
 
     def replace(self, **overrides: Any) -> XUTConfig:
         return dataclasses.replace(self, **overrides)
@@ -63,7 +74,12 @@ class XUTConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> XUTConfig:
+        """The config of `to_dict`'s dict; reads what earlier versions wrote (see RETIRED_FIELDS, the
+        boolean `grad_checkpointing`: True -> checkpointing "full"; an explicit `checkpointing` wins)."""
         data = {k: v for k, v in data.items() if k not in RETIRED_FIELDS}
+        if "grad_checkpointing" in data:
+            legacy = data.pop("grad_checkpointing")
+            data.setdefault("checkpointing", "full" if legacy else "none")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown XUTConfig fields: {unknown}")

@@ -12,13 +12,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from . import tread
-from .config import XUTConfig
-from .layers import Block, BlockContext, SharedAdaLN, TimestepEmbedding
+from .config import RECOMPUTED, XUTConfig
+from .layers import Block, BlockContext, SharedAdaLN, TimestepEmbedding, run_maybe_recomputed
 from .positions import make_axial_pos, resize_pos_map
-
 
 
 class XUTBackbone(nn.Module):
@@ -72,23 +70,33 @@ class XUTDenoiser(nn.Module):
         p = self.config.patch_size
         if h % p or w % p:
             raise ValueError(f"latent size {h}x{w} is not a multiple of the patch size {p}")
-        gh, gw = h // p, w // p
+        rate = self.routing_rate(tread_rate)
+        keep = None
+        if rate:  # drawn here, outside what compile "full" compiles: a generator would break its graph
+            keep = tread.select_tokens(b, (h // p) * (w // p), ctx.shape[1], rate, device=x_t.device,
+                                       generator=generator)
+        return self.forward_core(x_t, t, ctx, pos_map=pos_map, aspect=aspect, keep=keep)
+
+    def forward_core(self, x_t: Tensor, t: Tensor, ctx: Tensor, *, pos_map: Tensor | None, aspect: Tensor | None,
+                     keep: Tensor | None) -> Tensor:
+        """`forward` once the routing is drawn: `keep` (B, K + T) indexes the tokens the backbone sees
+        (tread.select_tokens), None routes nothing. Static shapes, no host sync: compile "full" compiles it."""
+        b, _, h, w = x_t.shape
+        gh, gw = h // self.config.patch_size, w // self.config.patch_size
         x = self.patch_embed(x_t).flatten(2).transpose(1, 2)  # (B, L, D), raster order
         n_image, n_text = gh * gw, ctx.shape[1]
         pos = self._image_positions(pos_map, b, h, w, x.device)  # (B, L, 2)
         pos = torch.cat([pos, pos.new_zeros(b, n_text, 2)], dim=1)  # text tokens at (0, 0)
         x = torch.cat([x, self.ctx_proj(ctx)], dim=1)  # (B, L + T, D): [image; text]
-        block_ctx = self.modulation(self._condition(t, aspect), pos)
+        block_ctx = self.modulation(self._condition(t, aspect), pos, n_text=n_text)
 
-        x = self._run(self.pre_blocks, x, block_ctx)
-        rate = self.routing_rate(tread_rate)
-        if rate:
-            keep = tread.select_tokens(b, n_image, n_text, rate, device=x.device, generator=generator)
+        x = self._run(self.pre_blocks, x, block_ctx, part="outer")
+        if keep is not None:
             kept = self._backbone(tread.gather_tokens(x, keep), block_ctx.select(keep))
             x = tread.scatter_tokens(x, keep, kept)  # routed tokens pass through unchanged
         else:
             x = self._backbone(x, block_ctx)
-        x = self._run(self.post_blocks, x, block_ctx)
+        x = self._run(self.post_blocks, x, block_ctx, part="outer")
         return self._unpatch(x[:, :n_image], gh, gw)
 
     def routing_rate(self, tread_rate: float | None) -> float:
@@ -116,19 +124,20 @@ class XUTDenoiser(nn.Module):
 
     def _backbone(self, x: Tensor, block_ctx: BlockContext) -> Tensor:
         for level in self.backbone.encoder:
-            x = self._run(level, x, block_ctx)
+            x = self._run(level, x, block_ctx, part="backbone")
         encoder_out = x
         for level in self.backbone.decoder:
-            x = self._run(level[:1], x, block_ctx, source=encoder_out)
-            x = self._run(level[1:], x, block_ctx)
+            x = self._run(level[:1], x, block_ctx, source=encoder_out, part="backbone")
+            x = self._run(level[1:], x, block_ctx, part="backbone")
         return x
 
-    def _run(self, blocks: nn.ModuleList, x: Tensor, block_ctx: BlockContext, source: Tensor | None = None) -> Tensor:
-        """Apply blocks in order; the one place gradient checkpointing is decided."""
-        recompute = self.config.grad_checkpointing and self.training and torch.is_grad_enabled()
+    def _run(self, blocks: nn.ModuleList, x: Tensor, block_ctx: BlockContext, source: Tensor | None = None, *,
+             part: str) -> Tensor:
+        """Apply blocks in order; whole blocks are recomputed in backward when the checkpointing policy
+        names their `part` ("outer": pre and post blocks, "backbone": the U)."""
+        recompute = part in RECOMPUTED[self.config.checkpointing]
         for block in blocks:
-            x = (checkpoint(block, x, block_ctx, source, use_reentrant=False) if recompute
-                 else block(x, block_ctx, source))
+            x = run_maybe_recomputed(block, x, block_ctx, source, recompute=recompute)
         return x
 
     def _unpatch(self, x: Tensor, gh: int, gw: int) -> Tensor:

@@ -7,14 +7,16 @@ normalised-and-modulated stream, as in the released code: x <- m + (1 + gate) * 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from .config import AttnKernel, XUTConfig
+from .config import RECOMPUTED, AttnKernel, XUTConfig
 
 Triple = tuple[Tensor, Tensor, Tensor]  # (scale, shift, gate), each (B, 1, D)
 
@@ -27,11 +29,21 @@ class BlockContext:
     attn: Triple  # modulation of the self-attention sub-layer
     xattn: Triple  # modulation of the cross-attention sub-layer
     mlp: Triple  # modulation of the feed-forward sub-layer
+    n_text: int = 0  # trailing tokens of the stream at the origin (text), which RoPE leaves as they are
 
     def select(self, index: Tensor) -> BlockContext:
-        """The context of a routed sub-sequence: positions gathered by `index` (B, K)."""
+        """The context of a routed sub-sequence: positions gathered by `index` (B, K), which keeps the
+        trailing text tokens last (tread.select_tokens)."""
         pos = self.pos.gather(1, index[..., None].expand(-1, -1, self.pos.shape[-1]))  # (B, K, 2)
-        return BlockContext(pos=pos, attn=self.attn, xattn=self.xattn, mlp=self.mlp)
+        return dataclasses.replace(self, pos=pos)
+
+
+def run_maybe_recomputed(module: nn.Module, *args, recompute: bool):
+    """module(*args); when `recompute` and the module trains with grad enabled, its activations are dropped
+    and recomputed in backward (the one place activation checkpointing is applied)."""
+    if recompute and module.training and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 def timestep_freqs(dim: int, *, max_period: float = 10000.0, device=None) -> Tensor:
@@ -69,12 +81,13 @@ class SharedAdaLN(nn.Module):
         nn.init.zeros_(mlp[-1].bias)
         return mlp
 
-    def forward(self, cond: Tensor, pos: Tensor) -> BlockContext:
+    def forward(self, cond: Tensor, pos: Tensor, *, n_text: int = 0) -> BlockContext:
         def triple(mlp: nn.Sequential) -> Triple:
             scale, shift, gate = mlp(cond).chunk(3, dim=-1)  # chunk order: scale, shift, gate
             return scale, shift, gate
 
-        return BlockContext(pos=pos, attn=triple(self.attn), xattn=triple(self.xattn), mlp=triple(self.mlp))
+        return BlockContext(pos=pos, attn=triple(self.attn), xattn=triple(self.xattn), mlp=triple(self.mlp),
+                            n_text=n_text)
 
 
 class AxialRoPE(nn.Module):
@@ -88,13 +101,24 @@ class AxialRoPE(nn.Module):
         super().__init__()
         self.log_freqs = nn.Parameter(torch.full((heads, head_dim // 4, 2), math.log(math.pi)))
 
-    def forward(self, x: Tensor, pos: Tensor) -> Tensor:
-        """x (B, H, N, hd), pos (B, N, 2) -> rotated x."""
+    def rotation(self, pos: Tensor, *, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(cos, sin), each (B, H, N, hd/2) in `dtype`, of the angles at pos (B, N, 2); computed in fp32."""
         angles = pos.float()[:, :, None, None, :] * self.log_freqs.float().exp()  # (B, N, H, hd/4, 2)
         angles = angles.flatten(-2).transpose(1, 2)  # (B, H, N, hd/2): [y0, x0, y1, x1, ...]
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        x0, x1 = x.unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, N, hd/2)
-        return torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)  # (B, H, N, hd)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+    def forward(self, x: Tensor, pos: Tensor, *, n_text: int = 0) -> Tensor:
+        """x (B, H, N, hd), pos (B, N, 2) -> x with its first N - n_text tokens rotated."""
+        return rotate(x, *self.rotation(pos[:, :pos.shape[1] - n_text], dtype=x.dtype))
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, H, N, hd) with its first L tokens rotated by (cos, sin) (B, H, L, hd/2); the N - L trailing
+    tokens (text, at the origin: the identity rotation) are passed through untouched, not multiplied by 1."""
+    n = cos.shape[2]
+    x0, x1 = x[:, :, :n].unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, L, hd/2)
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)  # (B, H, L, hd)
+    return rotated if n == x.shape[2] else torch.cat([rotated, x[:, :, n:]], dim=2)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, kernel: AttnKernel) -> Tensor:
@@ -109,7 +133,7 @@ class Attention(nn.Module):
     """Self-attention (qkv from x) or cross-attention (q from x, kv from a source); RoPE on q and k.
 
     Cross-attention here always reads a sequence laid out like x (the final encoder output), so both
-    sides use the same positions.
+    sides use the same positions and the same rotation, computed once per call.
     """
 
     def __init__(self, config: XUTConfig, *, cross: bool):
@@ -124,14 +148,17 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.rope = AxialRoPE(config.heads, config.head_dim)
 
-    def forward(self, x: Tensor, pos: Tensor, source: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, source: Tensor | None = None, *, n_text: int = 0) -> Tensor:
+        """x (B, N, D), pos (B, N, 2), source (B, N, D) or None -> (B, N, D); the n_text trailing tokens
+        (at the origin) are not rotated."""
         if source is None:
             q, k, v = self.qkv(x).chunk(3, dim=-1)
         else:
             q = self.q(x)
             k, v = self.kv(source).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, H, N, hd)
-        out = attention(self.rope(q, pos), self.rope(k, pos), v, kernel=self.kernel)
+        cos, sin = self.rope.rotation(pos[:, :pos.shape[1] - n_text], dtype=q.dtype)
+        out = attention(rotate(q, cos, sin), rotate(k, cos, sin), v, kernel=self.kernel)
         return self.out(out.transpose(1, 2).flatten(2))  # (B, N, D)
 
 
@@ -155,7 +182,12 @@ def modulate(norm: nn.RMSNorm, x: Tensor, triple: Triple) -> tuple[Tensor, Tenso
 
 
 class Block(nn.Module):
-    """Transformer block: self-attention, optional cross-attention to a source sequence, SwiGLU."""
+    """Transformer block: self-attention, optional cross-attention to a source sequence, SwiGLU.
+
+    With the "mlp" checkpointing policy the SwiGLU sub-layer is recomputed in backward. That checkpoint
+    lives inside the block, so a compiled block traces it as one graph (torch.compile's partitioner then
+    recomputes the feed-forward hidden in the backward graph) instead of breaking the graph there.
+    """
 
     def __init__(self, config: XUTConfig, *, cross: bool = False):
         super().__init__()
@@ -166,14 +198,15 @@ class Block(nn.Module):
         self.xattn = Attention(config, cross=True) if cross else None
         self.mlp_norm = nn.RMSNorm(dim, eps=1e-6)
         self.mlp = SwiGLU(dim, config.mlp_dim)
+        self.recompute_mlp = "mlp" in RECOMPUTED[config.checkpointing]
 
     def forward(self, x: Tensor, block_ctx: BlockContext, source: Tensor | None = None) -> Tensor:
         m, g = modulate(self.attn_norm, x, block_ctx.attn)
-        x = m + g * self.attn(m, block_ctx.pos)
+        x = m + g * self.attn(m, block_ctx.pos, n_text=block_ctx.n_text)
         if self.xattn is not None:
             if source is None:
                 raise ValueError("a block with cross-attention needs a source sequence")
             m, g = modulate(self.xattn_norm, x, block_ctx.xattn)
-            x = m + g * self.xattn(m, block_ctx.pos, source)
+            x = m + g * self.xattn(m, block_ctx.pos, source, n_text=block_ctx.n_text)
         m, g = modulate(self.mlp_norm, x, block_ctx.mlp)
-        return m + g * self.mlp(m)
+        return m + g * run_maybe_recomputed(self.mlp, m, recompute=self.recompute_mlp)

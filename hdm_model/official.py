@@ -343,7 +343,7 @@ def load_official_hdm(weights: str | os.PathLike | Mapping[str, Tensor] | Offici
     weights: a released `.safetensors` path (fp16 as released, or any float dtype), its state dict, a
     diffusers folder (or its transformer/), or what `read_official` returned. arch: a dict or JSON path in
     the original's `config/arch` format (default: the folder's transformer/config.json, else the released
-    xut-base arch). `config_overrides` set our runtime fields (e.g. grad_checkpointing=True). dtype None
+    xut-base arch). `config_overrides` set our runtime fields (e.g. checkpointing="full"). dtype None
     keeps the stored dtype.
     """
     weights = weights if isinstance(weights, OfficialWeights) else read_official(weights)

@@ -2,7 +2,8 @@
 
 Per sample, K = L - floor(L * rate) of the L image tokens are kept, in raster order, followed by every
 text token. The routed tokens pass the backbone unchanged and are merged back at their own positions.
-Routing works on index tensors (gather / scatter), so it needs no host synchronisation.
+Routing works on index tensors (gather / scatter), so it needs no host synchronisation, and K depends only on
+L and the rate, so every shape is fixed per resolution (what a compiled graph with static shapes needs).
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ def test_official_arch_rejects_unsupported_options():
 
 
 @pytest.mark.parametrize("bad", [dict(head_dim=30, heads=2, dim=60), dict(heads=3), dict(tread_rate=1.0),
-                                 dict(attn_kernel="flash3"), dict(depth=0)])
+                                 dict(attn_kernel="flash3"), dict(depth=0), dict(checkpointing="some")])
 def test_config_validation(bad):
     with pytest.raises(ValueError):
         XUTConfig.preset("tiny", **bad)
@@ -55,14 +55,24 @@ def test_unknown_preset_names_the_choices():
 
 
 def test_config_dict_round_trip():
-    config = XUTConfig.preset("tiny", grad_checkpointing=True)
+    config = XUTConfig.preset("tiny", checkpointing="full")
     assert XUTConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="bogus"):
         XUTConfig.from_dict({**config.to_dict(), "bogus": 1})
 
 
+def test_legacy_grad_checkpointing_key_is_read():
+    """Checkpoints written before the policy hold the boolean; an explicit policy wins."""
+    data = XUTConfig.preset("tiny").to_dict()
+    del data["checkpointing"]
+    assert XUTConfig.from_dict({**data, "grad_checkpointing": True}).checkpointing == "full"
+    assert XUTConfig.from_dict({**data, "grad_checkpointing": False}).checkpointing == "none"
+    assert XUTConfig.from_dict({**data, "grad_checkpointing": True, "checkpointing": "mlp"}).checkpointing == "mlp"
+    assert "grad_checkpointing" not in XUTConfig.preset("tiny").to_dict()
+
+
 def test_model_package_imports_no_ray_mlflow_pydantic():
-    code = ("import sys, hdm_model, hdm_model.text_encoder, hdm_model.vae; "
+    code = ("import sys, hdm_model, hdm_model.text_encoder, hdm_model.vae, hdm_model.compile; "
             "bad = [m for m in ('ray', 'mlflow', 'pydantic') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

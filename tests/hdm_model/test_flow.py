@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from hdm_model import (SamplerConfig, build_denoiser, build_optimizer, interpolate, sample, sample_timesteps,
-                       velocity_target)
+from hdm_model import (SamplerConfig, build_denoiser, build_optimizer, flow_matching_loss, interpolate, sample,
+                       sample_timesteps, velocity_target)
 from hdm_model.flow import latent_size
 
 
@@ -23,6 +23,16 @@ def test_timesteps_are_logit_normal():
     assert 0 < t.min() and t.max() < 1
     logit = torch.log(t / (1 - t))
     assert abs(logit.mean().item()) < 0.03 and abs(logit.std().item() - 1) < 0.03
+
+
+def test_loss_is_returned_unchecked():
+    """No finiteness check (a host sync every micro-step): a non-finite loss comes back as a tensor, for the
+    caller to check when it reads the loss."""
+    model = build_denoiser("tiny").train()
+    z0 = torch.randn(2, 4, 8, 8)
+    z0[0, 0, 0, 0] = float("nan")
+    loss = flow_matching_loss(model, z0, torch.randn(2, 3, model.config.ctx_dim))
+    assert loss.ndim == 0 and loss.requires_grad and torch.isnan(loss)
 
 
 def test_tiny_model_overfits_one_fixed_batch():
