@@ -74,18 +74,36 @@ def has_ema(directory: str | os.PathLike) -> bool:
 
 def save(directory: str | os.PathLike, *, weights: Mapping[str, Tensor], meta: CheckpointMeta,
          ema: Mapping[str, Tensor] | None = None, training_state: Mapping[str, Any] | None = None) -> Path:
-    """Write a checkpoint: weights and meta always, the EMA and the training state when given."""
+    """Write a checkpoint: weights and meta always, the EMA and the training state when given.
+
+    config.json goes last, each file flushed to disk before it: a directory reads as a checkpoint only once
+    it holds config.json (`is_checkpoint`, `read_meta`), so a crash while writing never leaves one that loads
+    but misses a file."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, directory / WEIGHTS)
+    written = [WEIGHTS]
     if ema is not None:
         save_file({k: v.detach().contiguous().cpu() for k, v in ema.items()}, directory / EMA_WEIGHTS)
-    (directory / META).write_text(json.dumps(meta.to_json(), indent=2))
+        written.append(EMA_WEIGHTS)
     if training_state is not None:
         torch.save(dict(training_state), directory / TRAINING_STATE)
+        written.append(TRAINING_STATE)
+    for name in written:
+        _fsync(directory / name)
+    (directory / META).write_text(json.dumps(meta.to_json(), indent=2))
+    _fsync(directory / META)
     return directory
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_meta(directory: str | os.PathLike) -> CheckpointMeta:

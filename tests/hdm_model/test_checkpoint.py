@@ -64,3 +64,21 @@ def test_older_and_partial_config_json_read_with_defaults(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory: no model.safetensors"):
         checkpoint.read_meta(tmp_path)
     assert not checkpoint.is_checkpoint(tmp_path)
+
+
+def test_a_crash_while_writing_leaves_no_directory_that_reads_as_a_checkpoint(tmp_path, monkeypatch):
+    """The fault injected: the disk fills while the training state is written (after the weights and EMA).
+    What is left is not a checkpoint (no config.json), so nothing loads it as one."""
+    model = build_denoiser("tiny", ctx_dim=32)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path, weights=model.state_dict(), meta=tiny_meta(), ema=model.state_dict(),
+                        training_state={"step": 7})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ema.safetensors", "model.safetensors"]
+    assert not checkpoint.is_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        checkpoint.read_meta(tmp_path)
