@@ -60,17 +60,19 @@ def test_cache_returns_the_uncached_states_and_encodes_only_misses(tmp_path):
                                            with_kwargs=True)
     first = ["red square", "", "red square", "blue circle"]
     torch.testing.assert_close(cached(first), plain(first), atol=1e-5, rtol=1e-5)
-    assert rows == [3]  # the distinct misses, once each
+    assert rows == [2, 1]  # the distinct misses, once each; then the empty prompt, kept apart
     second = ["blue circle", "green triangle", ""]
     torch.testing.assert_close(cached(second), plain(second), atol=1e-5, rtol=1e-5)
-    assert rows == [3, 1]
-    # LRU at 3 entries: "red square" (least recently used) went
-    assert list(cached._cache) == ["blue circle", "green triangle", ""]
-    cached(["red square"])
-    assert rows == [3, 1, 1]
+    assert rows == [2, 1, 1]
+    cached(["yellow star", "red square"])
+    assert rows == [2, 1, 1, 1]
+    # LRU at 3 entries ("" is not one of them): "blue circle" (least recently used) went
+    assert list(cached._cache) == ["green triangle", "yellow star", "red square"]
+    cached(["blue circle"])
+    assert rows == [2, 1, 1, 1, 1]
     # inference pads to the longest prompt of the batch: never cached
     torch.testing.assert_close(cached(["red square"], padding="longest"), plain(["red square"], padding="longest"))
-    assert rows == [3, 1, 1, 1]
+    assert rows == [2, 1, 1, 1, 1, 1]
 
 
 @pytest.mark.parametrize("per_channel", [True, False])
