@@ -42,7 +42,12 @@ def parse_args(argv: list[str] | None = None) -> TrainStageConfig:
     ap.add_argument("--tread-rate", type=float, help="share of image tokens routed around the backbone")
     ap.add_argument("--ctx-length", type=int, help="text tokens per caption")
     ap.add_argument("--text-cache-size", type=int, help="distinct captions whose text states are kept (default 0)")
-    ap.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--checkpointing", choices=["none", "outer", "mlp", "full"],
+                    help="activations recomputed in backward (default: the recipe's for --res; docs/performance.md)")
+    ap.add_argument("--compile", choices=["auto", "off", "blocks", "full"],
+                    help="torch.compile of the denoiser and text encoder (default auto: blocks on GPU, off on CPU)")
+    ap.add_argument("--text-attn", choices=["sdpa", "eager", "flex_attention"],
+                    help="the text encoder's attention kernel (the padding mask is always applied)")
     ap.add_argument("--caption-dropout", type=float, help="share of captions replaced by the null prompt")
     ap.add_argument("--ema-decay", type=float)
     ap.add_argument("--checkpoint-every", type=int)

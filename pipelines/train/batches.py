@@ -12,8 +12,6 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from pipelines.cluster import epoch_batches
-
 # Randomness: every draw of training comes from an explicit generator, never from torch's global RNG (which
 # seeds only the model's init, the same on every rank: DDP broadcasts rank 0's weights anyway). Two streams:
 # - the step's draws (timesteps, noise, TREAD mask), made when a micro-batch runs, on the device: seeded by
@@ -50,13 +48,23 @@ class MicroBatch:
     aspect: torch.Tensor  # (B,) log(W / H) of the whole images
     captions: list[str]
     keys: list[str]  # latent keys: what a checkpoint records as trained
+    tokens: Any = None  # hdm_model.text_encoder.Tokens of the captions, when the batcher tokenises
+
+    def pin_memory(self) -> MicroBatch:
+        """Pinned copies of the tensors (and tokens), so the step's `non_blocking` copies overlap the GPU's work."""
+        return MicroBatch(latents=self.latents.pin_memory(), positions=self.positions.pin_memory(),
+                          aspect=self.aspect.pin_memory(), captions=self.captions, keys=self.keys,
+                          tokens=self.tokens.pin_memory() if self.tokens is not None else None)
 
 
 class LatentBatcher:
-    """Rows of the latent Parquet -> a MicroBatch: square crops, their positions, log aspect, captions."""
+    """Rows of the latent Parquet -> a MicroBatch: square crops, their positions, log aspect, captions; with
+    `tokenize`, the captions' tokens too, and with `pin`, all of it in pinned memory (what the prefetch thread
+    prepares, off the training thread)."""
 
-    def __init__(self, *, caption_dropout: float, seed: int):
-        self.caption_dropout, self.seed = caption_dropout, seed
+    def __init__(self, *, caption_dropout: float, seed: int, tokenize: Callable[[list[str]], Any] | None = None,
+                 pin: bool = False):
+        self.caption_dropout, self.seed, self.tokenize, self.pin = caption_dropout, seed, tokenize, pin
 
     def __call__(self, batch: dict[str, np.ndarray], *, epoch: int) -> MicroBatch:
         from hdm_model import crop_latent
@@ -76,8 +84,10 @@ class LatentBatcher:
             dropped = float(torch.rand((), generator=gen)) < self.caption_dropout
             captions.append("" if dropped else str(batch["caption"][i]))
         aspect = torch.log(torch.as_tensor(batch["aspect"], dtype=torch.float32))
-        return MicroBatch(latents=torch.stack(latents), positions=torch.stack(positions), aspect=aspect,
-                          captions=captions, keys=[str(k) for k in batch["key"]])
+        out = MicroBatch(latents=torch.stack(latents), positions=torch.stack(positions), aspect=aspect,
+                         captions=captions, keys=[str(k) for k in batch["key"]],
+                         tokens=self.tokenize(captions) if self.tokenize is not None else None)
+        return out.pin_memory() if self.pin else out
 
 
 def blank_batch(*, channels: int, side: int) -> MicroBatch:
@@ -153,6 +163,8 @@ class BatchPrefetcher:
 
     def _epoch(self, epoch: int, drop: frozenset[str]) -> bool:
         """Queues one epoch's batches and END_OF_EPOCH; False when stopped."""
+        from pipelines.cluster import epoch_batches  # Ray Data; imported here so the step runs without Ray
+
         batches = epoch_batches(self.shard, batch_size=self.batch_size, shuffle_buffer=self.shuffle_buffer,
                                 seed=derive_seed(self.seed, _SHUFFLE, epoch) % 2**32, prefetch_batches=2,
                                 drop_last=not drop)

@@ -65,16 +65,19 @@ class VAETrainConfig(StrictModel):
 
 
 # The HDM recipe per resolution (hdm_spec 5.2 and 10; where report and code disagree, the code's values,
-# which made the released weights: stage 4 keeps TREAD 0.5 and 256 text tokens, lr 0.05).
+# which made the released weights: stage 4 keeps TREAD 0.5 and 256 text tokens, lr 0.05). `checkpointing` is
+# ours: the least recomputation whose saved activations for the recipe's batch fit an 80 GiB GPU with 10%
+# headroom (benchmarks/activation_memory.py, docs/performance.md); 512 px takes "mlp", as "outer" fits its
+# batch of 64 with no room to spare.
 RECIPE: dict[int, dict[str, Any]] = {
     256: dict(base_lr=0.5, betas=(0.9, 0.98), weight_decay=0.02, grad_clip=3.0, batch_size=128, grad_accum=4,
-              tread_rate=0.5, ctx_length=256, grad_checkpointing=True),
+              tread_rate=0.5, ctx_length=256, checkpointing="outer"),
     512: dict(base_lr=0.1, betas=(0.9, 0.995), weight_decay=0.005, grad_clip=1.0, batch_size=64, grad_accum=2,
-              tread_rate=0.5, ctx_length=256, grad_checkpointing=True),
+              tread_rate=0.5, ctx_length=256, checkpointing="mlp"),
     768: dict(base_lr=0.05, betas=(0.9, 0.995), weight_decay=0.002, grad_clip=1.0, batch_size=64, grad_accum=2,
-              tread_rate=0.5, ctx_length=256, grad_checkpointing=True),
+              tread_rate=0.5, ctx_length=256, checkpointing="full"),
     1024: dict(base_lr=0.05, betas=(0.9, 0.995), weight_decay=0.002, grad_clip=1.0, batch_size=32, grad_accum=2,
-               tread_rate=0.5, ctx_length=256, grad_checkpointing=True),
+               tread_rate=0.5, ctx_length=256, checkpointing="full"),
 }
 
 
@@ -93,6 +96,14 @@ class SampleGridOptions(StrictModel):
     steps: int = Field(16, ge=1)
     cfg_scale: float = Field(3.0, ge=1.0)
     every: int = Field(1000, ge=1)  # optimizer steps; and always at the end
+
+
+class DDPOptions(StrictModel):
+    """torch DistributedDataParallel's options, for stages with several workers."""
+
+    gradient_as_bucket_view: bool = True  # gradients live in the all-reduce buckets: no copy, less memory
+    static_graph: bool = False  # the same parameters get gradients every step (true of the XUT with TREAD)
+    bucket_cap_mb: float = Field(25.0, gt=0)  # all-reduce bucket size (torch's default)
 
 
 class TrainStageConfig(StrictModel):
@@ -119,8 +130,11 @@ class TrainStageConfig(StrictModel):
     tread_rate: float = Field(ge=0, lt=1)
     ctx_length: int = Field(ge=1)  # text tokens (training pads every caption to this length)
     text_cache_size: int = Field(0, ge=0)  # captions whose text states are kept (LRU): for repeating captions
-    grad_checkpointing: bool
+    checkpointing: Literal["none", "outer", "mlp", "full"]  # activations recomputed in backward (XUTConfig)
+    compile: Literal["auto", "off", "blocks", "full"] = "auto"  # torch.compile; auto: blocks on CUDA, off on CPU
     attn_kernel: Literal["sdpa", "math"] = "sdpa"
+    text_attn: Literal["sdpa", "eager", "flex_attention"] = "sdpa"  # the text encoder's attention (masked)
+    ddp: DDPOptions = DDPOptions()
     caption_dropout: float = Field(0.1, ge=0, le=1)  # share of captions replaced by the null prompt (CFG)
     ema_decay: float | None = Field(None, gt=0, lt=1)
     cache_latents_below_mb: float = Field(1024, ge=0)  # smaller latent sets are held in Ray's object store
@@ -138,6 +152,10 @@ class TrainStageConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _recipe_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "grad_checkpointing" in data:  # the boolean of configs written before
+            data = dict(data)
+            legacy = data.pop("grad_checkpointing")
+            data.setdefault("checkpointing", "full" if legacy else "none")
         if isinstance(data, dict) and isinstance(data.get("res"), int):
             data = {**recipe_for(data["res"]), **data}
         return data

@@ -10,6 +10,7 @@ rank 0). The jobs' worker code reaches Ray Train only through here.
 from __future__ import annotations
 
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -84,11 +85,12 @@ class WorkerContext:
         """Rank 0: the worker that logs, samples and writes checkpoints."""
         return self.rank == 0
 
-    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The model on this worker's device, wrapped in DDP when there are several workers."""
+    def prepare_model(self, model: torch.nn.Module, *, ddp: Mapping[str, Any] | None = None) -> torch.nn.Module:
+        """The model on this worker's device, wrapped in DDP (with the options `ddp`) when there are several
+        workers."""
         import ray.train.torch
 
-        return ray.train.torch.prepare_model(model)
+        return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=dict(ddp or {}))
 
     def dataset_shard(self, name: str = "train"):
         """This worker's shard of the dataset the driver passed as `name`."""
@@ -126,3 +128,73 @@ class WorkerContext:
                 write(Path(tmp))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(dict(metrics), checkpoint=checkpoint)
+
+
+class BackgroundCheckpoints:
+    """Checkpoints written and uploaded by a thread while training goes on, reported to Ray Train once complete.
+
+    `start` (every rank, at a checkpoint step): rank 0's `write(directory)`, which must hold its own copy of the
+    state, runs on a thread that then uploads the directory into the run's storage, `commit_file` (the file
+    whose presence makes a directory read as a checkpoint) last. `finish` (every rank, at a later step they all
+    agree on: a collective): rank 0 waits for that thread, rarely long, and raises what it raised; then every
+    rank reports, rank 0 with the uploaded checkpoint. As durable as a checkpoint reported in line: Ray Train
+    registers it (and a relaunch resumes from it) only at that report, after the upload completed, and no crash
+    leaves in storage a directory that loads as a checkpoint but misses a file.
+    """
+
+    def __init__(self, worker: WorkerContext):
+        self.worker = worker
+        self.pending: dict[str, Any] | None = None  # metrics, and on rank 0 the thread and its outcome
+
+    def start(self, metrics: Mapping[str, Any], *, write: Callable[[Path], None] | None, commit_file: str,
+              name: str) -> None:
+        """Begin checkpoint `name` (a directory name, unique in the run); finish the previous one first."""
+        if self.pending is not None:
+            self.finish()
+        self.pending = {"metrics": dict(metrics)}
+        if self.worker.is_chief and write is not None:
+            outcome: dict[str, Any] = {}
+            thread = threading.Thread(target=_write_and_upload, name="checkpoint-upload", daemon=True,
+                                      args=(write, commit_file, name, outcome))
+            thread.start()
+            self.pending.update(thread=thread, outcome=outcome)
+
+    def finish(self) -> None:
+        """Report the pending checkpoint (every rank calls this at the same step)."""
+        import ray.train
+        from ray.train import CheckpointUploadMode
+
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        persisted = None
+        if "thread" in pending:
+            pending["thread"].join()
+            if "error" in pending["outcome"]:
+                raise pending["outcome"]["error"]
+            persisted = pending["outcome"]["checkpoint"]
+        ray.train.report(pending["metrics"], checkpoint=persisted,
+                         checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+
+
+def _write_and_upload(write: Callable[[Path], None], commit_file: str, name: str, outcome: dict) -> None:
+    """The checkpoint thread: write into a local directory, copy it into the run's storage (`commit_file`
+    last), delete the local copy; the persisted checkpoint, or the error, into `outcome`."""
+    import shutil
+
+    import ray.train
+
+    directory = Path(tempfile.mkdtemp(prefix="hdm-checkpoint-"))
+    try:
+        write(directory)
+        held = (directory / commit_file).read_bytes()
+        (directory / commit_file).unlink()
+        persisted = ray.train.get_context().get_storage().persist_current_checkpoint(
+            ray.train.Checkpoint.from_directory(str(directory)), name)
+        with persisted.filesystem.open_output_stream(f"{persisted.path}/{commit_file}") as out:
+            out.write(held)
+        outcome["checkpoint"] = persisted
+    except BaseException as error:  # raised by `finish`, on the training thread
+        outcome["error"] = error
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -4,6 +4,10 @@ what the GPU benchmark times (benchmarks/gpu_check.py), the same object in both.
 A step is `grad_accum` micro-steps (text encoding, flow-matching loss under bf16 autocast on CUDA, backward
 scaled by 1 / grad_accum and by the batch's loss weight; DDP's gradient all-reduce only on the last one),
 then the optimizer step: clip, AdamW, schedule, zero the gradients, EMA.
+
+Nothing in a step waits for the GPU: the batch's tensors (pinned by the prefetch thread) are copied with
+`non_blocking=True`, the loss is summed on the device and the gradient norm stays a device tensor. They are
+read, and checked finite, only when the meter logs them (pipelines/train/meter.py).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 
 from hdm_model import checkpoint
@@ -27,12 +30,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def build_model(cfg: TrainStageConfig, *, ctx_dim: int) -> torch.nn.Module:
-    """The stage's denoiser, freshly initialised from torch's global RNG: its preset and runtime options."""
+def build_model(cfg: TrainStageConfig, *, ctx_dim: int, device: torch.device) -> torch.nn.Module:
+    """The stage's denoiser, freshly initialised from torch's global RNG: its preset and runtime options,
+    compiled as `cfg.compile` says for `device` (before any DDP wrap; compilation itself waits for the first
+    forward)."""
     from hdm_model import build_denoiser
+    from hdm_model.compile import compile_denoiser, resolve_compile
 
-    return build_denoiser(cfg.model, ctx_dim=ctx_dim, tread_rate=cfg.tread_rate,
-                          grad_checkpointing=cfg.grad_checkpointing, attn_kernel=cfg.attn_kernel)
+    model = build_denoiser(cfg.model, ctx_dim=ctx_dim, tread_rate=cfg.tread_rate, checkpointing=cfg.checkpointing,
+                           attn_kernel=cfg.attn_kernel)
+    return compile_denoiser(model, resolve_compile(cfg.compile, device))
 
 
 class EMA:
@@ -49,8 +56,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.float(), 1 - self.decay)
+        state = model.state_dict()  # one fused lerp over every tensor, not a kernel launch per tensor
+        torch._foreach_lerp_([self.shadow[k] for k in state], [v.float() for v in state.values()], 1 - self.decay)
 
     def load(self, directory: Path) -> None:
         """The EMA weights of a checkpoint directory, onto the device the shadow lives on."""
@@ -84,19 +91,21 @@ def apply_gradients(parameters: Iterable[torch.nn.Parameter], optimizer: torch.o
 
 @dataclass(frozen=True)
 class StepStats:
-    loss: float | None  # mean over this rank's weighted micro-batches; None when all were blank (weight 0)
-    grad_norm: float  # before clipping
+    """Device tensors, read when logged (reading one waits for the GPU)."""
+
+    loss: torch.Tensor | None  # mean over this rank's weighted micro-batches; None when all were blank (weight 0)
+    grad_norm: torch.Tensor  # before clipping
 
 
 class TrainStep:
     """The denoiser's training step, micro-step by micro-step.
 
-    `encode_text(captions)` gives the (B, T, D) text states of a batch's captions. Every draw of a micro-step
+    `encode_text(batch)` gives the (B, T, D) text states of a MicroBatch's captions, on the device. Every draw of a micro-step
     (timesteps, noise, TREAD mask) comes from `step_generator(seed, rank, step, micro)`, so ranks draw
     differently and a run resumed at `step` draws what the uninterrupted run drew.
     """
 
-    def __init__(self, model: torch.nn.Module, *, encode_text: Callable[[list[str]], torch.Tensor], optimizer,
+    def __init__(self, model: torch.nn.Module, *, encode_text: Callable[[MicroBatch], torch.Tensor], optimizer,
                  scheduler, grad_accum: int, grad_clip: float, ema: EMA | None, device: torch.device, seed: int,
                  rank: int = 0, world: int = 1):
         self.model, self.net = model, unwrap(model)
@@ -106,7 +115,8 @@ class TrainStep:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
         self.step = 0  # optimizer steps done (set by a resume)
         self.micro = 0  # micro-step within the optimizer step
-        self.losses: list[float] = []  # of this rank's weighted micro-batches in the step
+        self.loss_sum: torch.Tensor | None = None  # of this rank's weighted micro-batches in the step, on device
+        self.loss_count = 0
 
     @classmethod
     def for_stage(cls, cfg: TrainStageConfig, model: torch.nn.Module, *, encode_text, device: torch.device,
@@ -127,9 +137,8 @@ class TrainStep:
         keeps DDP's ranks in step); True when it completes the accumulation."""
         from hdm_model import flow_matching_loss
 
-        ctx_states = self.encode_text(batch.captions).float()
-        z0, pos, aspect, ctx_states = (t.to(self.device) for t in (batch.latents, batch.positions, batch.aspect,
-                                                                     ctx_states))
+        ctx_states = self.encode_text(batch).float()
+        z0, pos, aspect = (t.to(self.device, non_blocking=True) for t in (batch.latents, batch.positions, batch.aspect))
         draws = step_generator(seed=self.seed, rank=self.rank, step=self.step, micro=self.micro, device=self.device)
         sync = self.micro + 1 == self.grad_accum  # DDP all-reduces the gradients on this backward only
         with (nullcontext() if sync or self.world == 1 else self.model.no_sync()), self.autocast:
@@ -137,7 +146,9 @@ class TrainStep:
         (loss * weight / self.grad_accum).backward()
         self.micro = 0 if sync else self.micro + 1
         if weight > 0:
-            self.losses.append(loss.item())
+            loss = loss.detach()
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+            self.loss_count += 1
         return sync
 
     def optimizer_step(self) -> StepStats:
@@ -147,6 +158,6 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update(self.net)
         self.step += 1
-        loss = float(np.mean(self.losses)) if self.losses else None
-        self.losses.clear()
-        return StepStats(loss=loss, grad_norm=float(grad_norm))
+        loss = self.loss_sum / self.loss_count if self.loss_sum is not None else None
+        self.loss_sum, self.loss_count = None, 0
+        return StepStats(loss=loss, grad_norm=grad_norm.detach())

@@ -15,10 +15,11 @@ harness.py (the Ray Train glue); here the checkpoint contents and the loop that 
 from __future__ import annotations
 
 import hashlib
+import uuid
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,7 +32,7 @@ from pipelines.tracking import FINAL_WEIGHTS_TAG, INIT_WEIGHTS_TAG, RESUMED_AT_T
 from pipelines.train.batches import (END_OF_EPOCH, BatchPrefetcher, EpochKeys, LatentBatcher, MicroBatch,
                                      ResumedEpoch, blank_batch)
 from pipelines.train.config import TrainStageConfig
-from pipelines.train.harness import WorkerContext, seed_init
+from pipelines.train.harness import BackgroundCheckpoints, WorkerContext, seed_init
 from pipelines.train.meter import Meter
 from pipelines.train.step import EMA, TrainStep, build_model, unwrap
 
@@ -44,15 +45,37 @@ def checkpoint_meta(cfg: TrainStageConfig, model_config, vae: str) -> checkpoint
                                      vae=vae, stage=redact(cfg.model_dump(mode="json")))  # shared: no credentials
 
 
-def save_checkpoint(directory: Path, *, model, cfg: TrainStageConfig, vae: str, optimizer, scheduler, ema: EMA | None,
-                    progress: dict[str, int], epoch_keys: list[str]) -> None:
-    """`progress`: step and epoch; `epoch_keys`: the latent keys every rank trained in that epoch (EpochKeys).
-    No RNG state: training draws from generators seeded by step and key, not from torch's global RNG."""
+def checkpoint_writer(*, model, cfg: TrainStageConfig, vae: str, optimizer, scheduler, ema: EMA | None,
+                      progress: dict[str, int], epoch_keys: list[str]) -> Callable[[Path], None]:
+    """`write(directory)` of the checkpoint of the state as it is NOW: weights, EMA, optimizer and schedule are
+    copied to host memory here (the only part that holds up training), so the writing can run while the next
+    steps change them. `progress`: step and epoch; `epoch_keys`: the latent keys every rank trained in that
+    epoch (EpochKeys). No RNG state: training draws from generators seeded by step and key, not from torch's
+    global RNG."""
     net = unwrap(model)
-    checkpoint.save(directory, weights=net.state_dict(), meta=checkpoint_meta(cfg, net.config, vae),
-                    ema=ema.shadow if ema is not None else None,
-                    training_state={"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                    **progress, "epoch_keys": epoch_keys})
+    state = _to_host({"weights": net.state_dict(), "ema": ema.shadow if ema is not None else None,
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()})
+    meta = checkpoint_meta(cfg, net.config, vae)
+    training_state = {"optimizer": state["optimizer"], "scheduler": state["scheduler"], **progress,
+                      "epoch_keys": list(epoch_keys)}
+    return lambda directory: checkpoint.save(directory, weights=state["weights"], meta=meta, ema=state["ema"],
+                                             training_state=training_state)
+
+
+def save_checkpoint(directory: Path, **state) -> None:
+    """Write the checkpoint of the state now (checkpoint_writer's arguments) into `directory`."""
+    checkpoint_writer(**state)(directory)
+
+
+def _to_host(value: Any) -> Any:
+    """`value` with every tensor in it copied to host memory (dicts, lists and tuples walked)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(v) for v in value)
+    return value
 
 
 def restore_checkpoint(directory: Path, net, optimizer, scheduler,
@@ -101,6 +124,14 @@ def load_weights(model: torch.nn.Module, directory: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
+def encode_batch(text_encoder, batch: MicroBatch) -> torch.Tensor:
+    """The text states of a micro-batch: from the tokens the prefetch thread made, else (a blank batch) from
+    its captions."""
+    if batch.tokens is not None:
+        return text_encoder.encode_tokens(batch.tokens)
+    return text_encoder(batch.captions, padding="max_length")
+
+
 def train_loop(loop_config: dict) -> None:
     """One Ray Train worker of a training stage: set up (resumed from Ray Train's checkpoint when there is one),
     then train."""
@@ -118,16 +149,22 @@ class StageLoop:
         self.text_encoder, self.vae = text_encoder, vae  # for the sample grids
         self.epoch, self.done_keys = 0, frozenset()  # a resume sets both
         self.meter = Meter()
+        self.checkpoints = BackgroundCheckpoints(worker)
 
     @classmethod
     def setup(cls, cfg: TrainStageConfig, worker: WorkerContext, loop_config: dict) -> StageLoop:
         """Text encoder, model (from `init_from` on a fresh start), step; resumed from Ray Train's checkpoint."""
         from hdm_model import TextEncoder
 
+        from hdm_model.compile import compile_text_encoder, resolve_compile
+
+        gpu = worker.device.type == "cuda"
         text_encoder = TextEncoder.from_pretrained(cfg.text_encoder, max_length=cfg.ctx_length, device=worker.device,
-                                                   cache_size=cfg.text_cache_size)
+                                                   dtype=torch.bfloat16 if gpu else None, cache_size=cfg.text_cache_size,
+                                                   attn_implementation=cfg.text_attn)
+        compile_text_encoder(text_encoder, resolve_compile(cfg.compile, worker.device))
         seed_init(cfg.seed)  # the model's init only, the same on every rank; no training draw uses it
-        model = build_model(cfg, ctx_dim=text_encoder.hidden_size)
+        model = build_model(cfg, ctx_dim=text_encoder.hidden_size, device=worker.device)
         with worker.resumed_checkpoint() as resume:
             return cls._start(cfg, worker, loop_config, text_encoder=text_encoder, model=model, resume=resume)
 
@@ -139,8 +176,8 @@ class StageLoop:
         if resume is None and init:
             with local_path(init, S3Options.model_validate(loop_config["s3"])) as path:
                 load_weights(model, path)
-        step = TrainStep.for_stage(cfg, worker.prepare_model(model),
-                                   encode_text=partial(text_encoder, padding="max_length"), device=worker.device,
+        step = TrainStep.for_stage(cfg, worker.prepare_model(model, ddp=cfg.ddp.model_dump()),
+                                   encode_text=partial(encode_batch, text_encoder), device=worker.device,
                                    rank=worker.rank, world=worker.world)
         loop = cls(cfg, worker, step=step, text_encoder=text_encoder, run=worker.tracking_run(loop_config),
                    vae=loop_config["vae"])
@@ -178,9 +215,11 @@ class StageLoop:
         self.epoch_keys = EpochKeys(self.done_keys)
         self.resumed_epoch = ResumedEpoch(world=world, device=self.worker.device, blank=blank_batch(
             channels=self.step.net.config.in_channels, side=cfg.res // 8)) if self.done_keys and world > 1 else None
-        return BatchPrefetcher(self.worker.dataset_shard("train"), LatentBatcher(
-            caption_dropout=cfg.caption_dropout, seed=cfg.seed), batch_size=cfg.batch_size, epoch=self.epoch,
-            done_keys=self.done_keys, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+        batcher = LatentBatcher(caption_dropout=cfg.caption_dropout, seed=cfg.seed, pin=self.worker.device.type == "cuda",
+                                tokenize=partial(self.text_encoder.tokenize, padding="max_length"))
+        return BatchPrefetcher(self.worker.dataset_shard("train"), batcher, batch_size=cfg.batch_size,
+                               epoch=self.epoch, done_keys=self.done_keys, shuffle_buffer=cfg.shuffle_buffer,
+                               seed=cfg.seed)
 
     def next_batch(self) -> tuple[Any, float]:
         """(MicroBatch or END_OF_EPOCH, loss weight). Data wait: the loop blocked on the next batch."""
@@ -208,7 +247,7 @@ class StageLoop:
         if not (step % cfg.log_every == 0 or step in (1, cfg.steps)):
             return
         stats = self.meter.flush(samples_per_step=cfg.batch_size * cfg.grad_accum * self.worker.world,
-                                 tokens_per_sample=(cfg.res // 16) ** 2)
+                                 tokens_per_sample=(cfg.res // 16) ** 2, step=step)
         scheduler = self.step.scheduler
         stats["lr"] = cfg.base_lr * scheduler.get_last_lr()[0] / scheduler.base_lrs[0]  # muP base lr in effect
         self.run.log_metrics(stats, step=step)
@@ -226,17 +265,27 @@ class StageLoop:
                          cfg=self.cfg, device=self.worker.device, step=step)
 
     def maybe_checkpoint(self) -> None:
+        """A checkpoint every `checkpoint_every` steps and at the end, written while the next steps run
+        (BackgroundCheckpoints) and reported at the next log step, the next checkpoint or the end."""
         cfg, step = self.cfg, self.step
         final = step.step >= cfg.steps
-        if not (final or step.step % cfg.checkpoint_every == 0):
+        due = final or step.step % cfg.checkpoint_every == 0
+        if self.checkpoints.pending is not None and (due or step.step % cfg.log_every == 0):
+            self.checkpoints.finish()
+        if not due:
             return
+        self.meter.check_finite(step.step)  # weights a NaN reached are never saved
         if final and self.run.enabled:
             self.run.set_tags({FINAL_WEIGHTS_TAG: weights_digest(step.net)})
         keys = self.epoch_keys.gather()  # every rank takes part
-        progress = {"step": step.step, "epoch": self.epoch}
-        self.worker.report({"step": step.step, "loss": self.meter.last_loss}, write=lambda directory: save_checkpoint(
-            directory, model=step.model, cfg=cfg, vae=self.vae, optimizer=step.optimizer, scheduler=step.scheduler,
-            ema=step.ema, progress=progress, epoch_keys=keys))
+        write = checkpoint_writer(model=step.model, cfg=cfg, vae=self.vae, optimizer=step.optimizer,
+                                  scheduler=step.scheduler, ema=step.ema, progress={"step": step.step, "epoch": self.epoch},
+                                  epoch_keys=keys) if self.worker.is_chief else None
+        self.checkpoints.start({"step": step.step, "loss": self.meter.last_loss}, write=write,
+                               commit_file=checkpoint.META,
+                               name=f"checkpoint_{step.step:08d}_{uuid.uuid4().hex[:8]}")  # a relaunch never reuses one
+        if final:
+            self.checkpoints.finish()
 
 
 def _log_samples(run: StageRun, net, *, ema: EMA | None, text_encoder, vae_id: str, cfg: TrainStageConfig, device,

@@ -72,3 +72,20 @@ def test_a_derived_stage_follows_the_new_recipe_and_keeps_values_set_on_purpose(
     parent = {"res": 256, "name": "mine", "betas": [0.9, 0.98], "grad_accum": 1, "sample": {"every": 5}}
     assert derive_params(parent, {"res": 512}) == {"res": 512, "grad_accum": 1, "sample": {"every": 5}}
     assert derive_params({"model": "tiny"}, {"res": 64}) == {"model": "tiny", "res": 64}
+
+
+def test_training_speed_options_and_the_checkpointing_of_older_configs():
+    """`checkpointing` is a policy now; a config (or a stage's logged params) written with the old boolean
+    still validates, as the policy it meant. Compile, the text encoder's attention and DDP are options."""
+    base = dict(latents="l", storage="s", res=256)
+    assert TrainStageConfig(**base).checkpointing == RECIPE[256]["checkpointing"]
+    assert TrainStageConfig(**base, grad_checkpointing=False).checkpointing == "none"
+    assert TrainStageConfig(**base, grad_checkpointing=True).checkpointing == "full"
+    assert TrainStageConfig(**base, grad_checkpointing=True, checkpointing="mlp").checkpointing == "mlp"
+    config = TrainStageConfig(**base, compile="blocks", ddp={"static_graph": True, "bucket_cap_mb": 100})
+    assert config.compile == "blocks" and config.ddp.static_graph and config.ddp.gradient_as_bucket_view
+    assert TrainStageConfig(**base).compile == "auto" and TrainStageConfig(**base).text_attn == "sdpa"
+    for bad, message in ((dict(checkpointing="some"), "checkpointing"), (dict(compile="max"), "compile"),
+                         (dict(ddp={"bucket_mb": 1}), "Extra inputs")):
+        with pytest.raises(ValidationError, match=message):
+            TrainStageConfig(**base, **bad)

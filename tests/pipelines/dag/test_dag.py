@@ -129,7 +129,7 @@ def test_environment_references_are_expanded_or_refused(monkeypatch):
 _BASE_TRAIN = {"model": "xut-base", "text_encoder": "Qwen/Qwen3-0.6B", "workers": 4, "use_gpu": True}
 _DEMO_TRAIN = {"model": "tiny", "text_encoder": "${HDM_DEMO_TEXT_ENCODER}", "text_cache_size": 256, "warmup_steps": 30,
                "base_lr": 0.5, "batch_size": 32, "grad_accum": 1, "tread_rate": 0.0, "ctx_length": 12,
-               "grad_checkpointing": False, "workers": 1}
+               "checkpointing": "none", "workers": 1}
 WRITTEN_OUT = {
     "hdm_xut_base.toml": {
         "train-512": {"kind": "train", "needs": ["precompute", "train-256"], "params": {

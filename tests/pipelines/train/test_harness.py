@@ -67,3 +67,70 @@ def test_every_rank_reports_and_rank_0_writes_the_checkpoint(monkeypatch):
     _worker(0).report({"step": 7})
     assert reports == [({"step": 6}, ["state.txt"]), ({"step": 6}, None), ({"step": 7}, None)]
     assert len(written) == 1
+
+
+class _Storage:
+    """Ray Train's storage context as the upload thread uses it: copies a checkpoint directory into `root`,
+    file by file, optionally dying after `die_after` files (the fault: a node lost mid-upload)."""
+
+    def __init__(self, root: Path, die_after: int | None = None):
+        self.root, self.die_after = root, die_after
+
+    def persist_current_checkpoint(self, checkpoint, name: str):
+        import shutil
+
+        import pyarrow.fs as pafs
+        import ray.train
+
+        target = self.root / name
+        target.mkdir(parents=True)
+        for i, path in enumerate(sorted(Path(checkpoint.path).iterdir())):
+            if self.die_after is not None and i == self.die_after:
+                raise ConnectionError("node lost during the upload")
+            shutil.copy(path, target / path.name)
+        return ray.train.Checkpoint(str(target), filesystem=pafs.LocalFileSystem())
+
+
+def _background_checkpoint(monkeypatch, storage: _Storage, rank: int, write):
+    """A BackgroundCheckpoints round on `rank` (start, then finish); what ray.train.report got."""
+    import ray.train
+
+    from pipelines.train.harness import BackgroundCheckpoints
+
+    got = {}
+
+    def report(metrics, *, checkpoint=None, checkpoint_upload_mode=None):
+        got.update(metrics=metrics, mode=checkpoint_upload_mode.name, checkpoint=checkpoint)
+
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "get_context", lambda: type("Ctx", (), {"get_storage": lambda self: storage})())
+    checkpoints = BackgroundCheckpoints(_worker(rank))
+    checkpoints.start({"step": 6}, write=write, commit_file="config.json", name="checkpoint_000006")
+    assert checkpoints.pending is not None and got == {}  # nothing reported before `finish`
+    checkpoints.finish()
+    assert checkpoints.pending is None
+    return got
+
+
+def _write_three_files(directory: Path) -> None:
+    for name in ("config.json", "model.safetensors", "training_state.pt"):
+        (directory / name).write_text(name)
+
+
+def test_a_background_checkpoint_is_reported_once_uploaded_with_the_commit_file_last(monkeypatch, tmp_path):
+    got = _background_checkpoint(monkeypatch, _Storage(tmp_path), 0, _write_three_files)
+    assert (got["metrics"], got["mode"]) == ({"step": 6}, "NO_UPLOAD")  # Ray Train only registers it
+    stored = Path(got["checkpoint"].path)
+    assert sorted(p.name for p in stored.iterdir()) == ["config.json", "model.safetensors", "training_state.pt"]
+    assert (stored / "config.json").read_text() == "config.json"
+    other = _background_checkpoint(monkeypatch, _Storage(tmp_path / "r1"), 1, None)  # rank 1: metrics only
+    assert (other["mode"], other["checkpoint"]) == ("NO_UPLOAD", None)
+
+
+def test_an_upload_that_dies_is_never_reported_and_leaves_no_commit_file(monkeypatch, tmp_path):
+    """The fault injected: the upload stops after one file. `finish` raises it on the training thread before
+    any report, so Ray Train registers nothing; storage holds no config.json, so the partial directory never
+    reads as a checkpoint (hdm_model.checkpoint.is_checkpoint)."""
+    with pytest.raises(ConnectionError):
+        _background_checkpoint(monkeypatch, _Storage(tmp_path, die_after=1), 0, _write_three_files)
+    assert sorted(p.name for p in (tmp_path / "checkpoint_000006").iterdir()) == ["model.safetensors"]

@@ -17,7 +17,7 @@ from pipelines.train.config import TrainStageConfig
 from pipelines.train.batches import (END_OF_EPOCH, BatchPrefetcher, LatentBatcher, MicroBatch, ResumedEpoch,
                                      derive_seed, step_generator, without_keys)
 from pipelines.train.step import EMA
-from pipelines.train.worker import restore_checkpoint, save_checkpoint
+from pipelines.train.worker import checkpoint_writer, restore_checkpoint, save_checkpoint
 
 
 def _set_weights(model: torch.nn.Module, value: torch.Tensor) -> None:
@@ -109,6 +109,28 @@ def test_checkpoint_saves_and_restores_ema_weights(tmp_path):
     for name, value in ema.shadow.items():
         torch.testing.assert_close(fresh_ema.shadow[name], value, rtol=0, atol=0)
         torch.testing.assert_close(fresh.state_dict()[name], net.state_dict()[name], rtol=0, atol=0)
+
+
+def test_a_checkpoint_holds_the_state_of_when_it_was_taken_not_of_when_it_is_written(tmp_path):
+    """The writing runs while training goes on (Ray Train's upload thread): what is written is the state at
+    the checkpoint's step, whatever the steps after it change in place (weights, EMA, optimizer moments)."""
+    cfg = _stage(tmp_path, ema_decay=0.8)
+    net, optimizer, scheduler, ema = _trained(cfg, steps=2)
+    at_step_2 = {k: v.clone() for k, v in net.state_dict().items()}
+    moment = next(iter(optimizer.state.values()))["exp_avg"].clone()
+    write = checkpoint_writer(model=net, cfg=cfg, vae="v", optimizer=optimizer, scheduler=scheduler, ema=ema,
+                              progress={"step": 2, "epoch": 0}, epoch_keys=["k1"])
+    net(torch.randn(2, 4, 4, 4), torch.rand(2), torch.randn(2, 3, 32)).square().mean().backward()
+    optimizer.step()  # in place: the live tensors move on
+    ema.update(net)
+    write(tmp_path / "ckpt")
+    saved = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert any(not torch.equal(saved[k], v) for k, v in net.state_dict().items())
+    for name, value in at_step_2.items():
+        assert torch.equal(saved[name], value), name
+    state = torch.load(tmp_path / "ckpt" / TRAINING_STATE, weights_only=True)
+    assert torch.equal(next(iter(state["optimizer"]["state"].values()))["exp_avg"], moment)
+    assert (state["step"], state["epoch_keys"]) == (2, ["k1"])
 
 
 def test_ema_turned_on_at_resume_starts_from_the_restored_weights(tmp_path):
@@ -204,6 +226,21 @@ def _latent_rows(keys: list[str], *, shape=(4, 4, 6)) -> dict[str, np.ndarray]:
             "latent_shape": column([np.array(shape)] * len(keys)),
             "latent_std": column([np.full(shape, 0.5, np.float16).tobytes()] * len(keys)),
             "aspect": np.full(len(keys), shape[2] / shape[1])}
+
+
+def test_the_batcher_tokenises_the_captions_it_keeps(tmp_path):
+    """Tokens are made by the prefetch thread's batcher from the captions after dropout (the empty prompt
+    included), as the text encoder would make them on the training thread."""
+    from hdm_model import TextEncoder
+    from tests.tiny_models import make_tiny_text_encoder
+
+    encoder = TextEncoder.from_pretrained(str(make_tiny_text_encoder(tmp_path / "te")), max_length=12)
+    batcher = LatentBatcher(caption_dropout=0.5, seed=3, tokenize=lambda c: encoder.tokenize(c, padding="max_length"))
+    batch = batcher(_latent_rows([f"k{i}" for i in range(8)]), epoch=0)
+    want = encoder.tokenize(batch.captions, padding="max_length")
+    assert "" in batch.captions and list(batch.tokens.prompts) == batch.captions
+    assert torch.equal(batch.tokens.ids, want.ids) and torch.equal(batch.tokens.mask, want.mask)
+    torch.testing.assert_close(encoder.encode_tokens(batch.tokens), encoder(batch.captions), rtol=0, atol=0)
 
 
 def test_a_samples_draws_depend_on_seed_epoch_and_key_only():
