@@ -14,7 +14,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import ray
 from ray.data.block import BlockAccessor
@@ -22,7 +21,7 @@ from ray.data.block import BlockAccessor
 from pipelines.cluster import CoreShare, cpu_threads
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.images import ImageError, TransformSpec, decode_image, resize_for_resolution, thumbnail
-from pipelines.data.latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, build_manifest, check_manifest,
+from pipelines.data.latent_store import (LatentWriter, ManifestMismatch, build_manifest, check_manifest,
                                          count_rows, done_keys, read_manifest, write_manifest)
 from pipelines.data.sources import Unit, error, list_units, read_unit
 from pipelines.storage import resolve
@@ -122,50 +121,25 @@ class CaptionStage:
 
 
 class EncodeStage:
-    """Actor: VAE-encodes every (item, resolution) of a batch, images of equal size together."""
+    """Actor: VAE-encodes every (item, resolution) of a batch, images of equal size together
+    (pipelines/data/encode.py, which runs without Ray)."""
 
     def __init__(self, vae: str, use_gpu: bool, threads: int | None, actors: int, batch_size: int, store_std: bool):
         import torch
 
-        from hdm_model import LatentVAE
+        from pipelines.data.encode import BatchEncoder
 
         # Ray pins workers to one thread; a CPU encoder takes `threads`, else its share of the node's cores to
         # start with, then before each group the cores the rest of the node leaves idle (CoreShare)
-        self.share = None
+        share = None
         if not use_gpu:
             torch.set_num_threads(cpu_threads(actors, threads))
-            self.share = CoreShare(torch.get_num_threads()) if threads is None else None
-        self.torch = torch
-        self.device = "cuda" if use_gpu else "cpu"
-        self.vae = LatentVAE.from_pretrained(vae, device=self.device, chunk_size=batch_size)
-        self.store_std = store_std
+            share = CoreShare(torch.get_num_threads()) if threads is None else None
+        self.encode = BatchEncoder(vae, device="cuda" if use_gpu else "cpu", batch_size=batch_size,
+                                   store_std=store_std, threads=share.update if share else None)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out, jobs = [], []
-        for row in batch.to_pylist():
-            if row["kind"] == "error":
-                out.append({**row, "res": row["err_res"]})
-                continue
-            for r, pix, h, w in zip(row["res"], row["pixels"], row["pix_h"], row["pix_w"]):
-                jobs.append((row, r, np.frombuffer(pix, np.uint8).reshape(h, w, 3)))
-        by_size: dict[tuple[int, int], list] = {}
-        for job in jobs:
-            by_size.setdefault(job[2].shape[:2], []).append(job)
-        for (h, w), group in by_size.items():
-            if self.share:
-                self.torch.set_num_threads(self.share.update())
-            images = self.torch.from_numpy(np.stack([j[2] for j in group])).to(self.device)
-            images = images.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
-            mean, std = self.vae.encode(images)
-            mean, std = mean.half().cpu().numpy(), std.half().cpu().numpy()
-            for (row, r, _), m, s in zip(group, mean, std):
-                out.append({"kind": "latent", "res": r, "key": row["key"], "sha256": row["sha256"],
-                            "source": row["source"], "caption": row["caption"],
-                            "caption_source": row["caption_source"], "width": row["width"],
-                            "height": row["height"], "resized_width": w, "resized_height": h, "aspect": w / h,
-                            "latent": m.tobytes(), "latent_shape": list(m.shape),
-                            "latent_std": s.tobytes() if self.store_std else None})
-        return _table(out, OUTPUT_SCHEMA)
+        return self.encode(batch)
 
 
 class LatentDatasink(ray.data.Datasink):
