@@ -3,23 +3,17 @@ policies order as they should."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 from hdm_model import XUTConfig
+from tests.benchmarks import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "activation_memory.py"
 TINY = XUTConfig.preset("tiny")  # TREAD 0.5 in training mode
 RES, N_TEXT = 64, 8  # 8x8 latent -> 16 image tokens
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("activation_memory", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("activation_memory")
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ The comparison with the original implementation needs a checkout of KohakuBluele
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from tests.benchmarks import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_model.py"
 ORIGINAL_SRC = Path(os.environ.get("HDM_ORIGINAL_SRC", "/tmp/hdm_original/src"))
 TINY = ["--preset", "tiny", "--res", "32", "--text-tokens", "8", "--rounds", "2", "--warmup", "0", "--device", "cpu"]
 needs_original = pytest.mark.skipif(not (ORIGINAL_SRC / "xut" / "xut.py").is_file(),
@@ -21,10 +20,7 @@ needs_original = pytest.mark.skipif(not (ORIGINAL_SRC / "xut" / "xut.py").is_fil
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_model")
 
 
 @pytest.fixture(scope="module")

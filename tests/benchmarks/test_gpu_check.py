@@ -3,7 +3,6 @@ the run, nothing imports Ray or MLflow, the step is the trainer's own, and the F
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from benchmarks import gpu_parts
+from tests.benchmarks import load_script
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 # the smoke run, in a fresh interpreter; then the Ray and MLflow modules it imported (none may be)
@@ -24,11 +24,7 @@ print("IMPORTED", json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in
 
 
 def _load():
-    """benchmarks/gpu_check.py loaded from its file, as a script is (its building blocks: gpu_parts, imported)."""
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 @pytest.fixture(scope="module")
