@@ -137,7 +137,9 @@ class TrainStep:
         keeps DDP's ranks in step); True when it completes the accumulation."""
         from hdm_model import flow_matching_loss
 
-        ctx_states = self.encode_text(batch).float()
+        ctx_states = self.encode_text(batch)
+        if self.device.type != "cuda":  # no autocast: the fp32 denoiser takes fp32 states (under autocast an
+            ctx_states = ctx_states.float()  # fp32 copy of the bf16 states would be cast straight back)
         z0, pos, aspect = (t.to(self.device, non_blocking=True) for t in (batch.latents, batch.positions, batch.aspect))
         draws = step_generator(seed=self.seed, rank=self.rank, step=self.step, micro=self.micro, device=self.device)
         sync = self.micro + 1 == self.grad_accum  # DDP all-reduces the gradients on this backward only
