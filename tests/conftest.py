@@ -45,9 +45,11 @@ def _reuse_or_start(env_keys: tuple[str, ...], start):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A Ray head node with a dashboard (for `ray job submit`): RAY_ADDRESS, HDM_RAY_DASHBOARD."""
-    with _reuse_or_start(("RAY_ADDRESS", "HDM_RAY_DASHBOARD"), services.start_ray_head) as env:
+def ray_cluster(s3_server):
+    """A Ray head node with a dashboard (for `ray job submit`): RAY_ADDRESS, HDM_RAY_DASHBOARD. Its node holds
+    the S3 credentials in its own environment, as a real cluster's nodes do: jobs never carry them."""
+    node_env = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
+    with _reuse_or_start(("RAY_ADDRESS", "HDM_RAY_DASHBOARD"), lambda: services.start_ray_head(env=node_env)) as env:
         yield env
 
 

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,21 +40,24 @@ def free_port(avoid: range = range(0)) -> int:
             return port
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen) -> None:
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, token: str | None = None) -> None:
+    """Until `url` answers (with `token` as a bearer token, when given) or `proc` exits."""
     deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process for {url} exited with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(request, timeout=2):
                 return
         except OSError:
             time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a service, with `extra` on top: Ray auth off unless `extra` says otherwise."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **(extra or {}))
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -66,14 +70,23 @@ class Service:
     cleanup: list[str] = field(default_factory=list)  # directories removed on stop
 
 
-def start_ray_head(num_cpus: int = 2, log: Path | None = None, attempts: int = 2) -> Service:
+def start_ray_head(num_cpus: int = 2, log: Path | None = None, attempts: int = 2, *,
+                   env: dict[str, str] | None = None, resources: dict[str, float] | None = None,
+                   auth_token: str | None = None) -> Service:
     """`ray start --head --block` in a new session; every port chosen free, dashboard on 127.0.0.1.
 
-    A start that fails (a port taken between choosing and binding it) is retried with new ports.
+    `env`: the node's own environment on top of this process's (credentials the cluster's jobs use live here,
+    never in a job's runtime env); `resources`: custom resources of the node; `auth_token`: Ray token auth on,
+    with this token (clients need it as RAY_AUTH_TOKEN). A start that fails (a port taken between choosing and
+    binding it) is retried with new ports.
     """
+    extra = dict(env or {})
+    if auth_token:
+        extra.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
     for attempt in range(attempts):
         try:
-            return _start_ray_head(num_cpus, log)
+            return _start_ray_node(None, num_cpus=num_cpus, log=log, env=extra, resources=resources,
+                                   token=auth_token)
         except RuntimeError as e:
             if attempt == attempts - 1:
                 raise
@@ -81,32 +94,77 @@ def start_ray_head(num_cpus: int = 2, log: Path | None = None, attempts: int = 2
     raise AssertionError("unreachable")
 
 
-def _start_ray_head(num_cpus: int, log: Path | None) -> Service:
-    temp = tempfile.mkdtemp(prefix="hdm-ray-")
-    log = log or Path(temp) / "ray-start.log"
+def start_ray_node(head: Service, *, num_cpus: int = 1, log: Path | None = None, env: dict[str, str] | None = None,
+                   resources: dict[str, float] | None = None) -> Service:
+    """Another node of `head`'s cluster on this machine: `ray start --address --block` in a new session, stopped
+    by its PID like the head. It holds one unit of its own resource HDM_RAY_NODE_RESOURCE (in its env), by
+    which a test can place work on it."""
+    marker = f"hdm_node_{uuid.uuid4().hex[:8]}"
+    node = _start_ray_node(head.env["RAY_ADDRESS"], num_cpus=num_cpus, log=log, env=dict(env or {}),
+                           resources={**(resources or {}), marker: 1}, token=None,
+                           dashboard=head.env["HDM_RAY_DASHBOARD"])
+    node.env["HDM_RAY_NODE_RESOURCE"] = marker
+    return node
+
+
+def _ray_ports(head: bool) -> tuple[range, list[str]]:
+    """(worker port range, port flags) of one Ray node: every port free now and outside the worker range."""
     low = free_port()
     workers = range(low, low + 201)  # Ray's worker ports: no other port of the node may fall inside
-    gcs, dash = free_port(workers), free_port(workers)
-    ports = {f"--{name}": str(free_port(workers)) for name in (
-        "node-manager-port", "object-manager-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")}
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
-           f"--port={gcs}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
-           f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
-           *[f"{k}={v}" for k, v in ports.items()]]
+    names = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "runtime-env-agent-port", "metrics-export-port"]
+    if head:
+        names += ["port", "dashboard-port", "ray-client-server-port"]
+    flags = [f"--{name}={free_port(workers)}" for name in names]
+    return workers, [*flags, f"--min-worker-port={low}", f"--max-worker-port={low + 200}"]
+
+
+def _start_ray_node(address: str | None, *, num_cpus: int, log: Path | None, env: dict[str, str],
+                    resources: dict[str, float] | None, token: str | None, dashboard: str = "") -> Service:
+    """A head node (`address` None: with a dashboard on 127.0.0.1) or a node joining `address`."""
+    temp = tempfile.mkdtemp(prefix="hdm-ray-")
+    log = log or Path(temp) / "ray-start.log"
+    _, ports = _ray_ports(head=address is None)
+    role = ["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"] if address is None else [
+        f"--address={address}"]
+    cmd = [str(BIN / "ray"), "start", *role, "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
+           "--node-ip-address=127.0.0.1", "--disable-usage-stats", f"--temp-dir={temp}", *ports]
+    if resources:
+        cmd.append(f"--resources={json.dumps(resources)}")
     out = open(log, "ab")
-    proc = subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
+    proc = subprocess.Popen(cmd, env=_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    flag = dict(p[2:].split("=", 1) for p in ports)
     try:
-        _wait_http(f"{url}/api/version", 90, proc)
-        _wait_http(f"{url}/api/jobs/", 60, proc)
+        if address is None:
+            url = f"http://127.0.0.1:{flag['dashboard-port']}"
+            _wait_http(f"{url}/api/version", 90, proc, token)
+            _wait_http(f"{url}/api/jobs/", 60, proc, token)
+        else:
+            _wait_node(dashboard, next(r for r in resources or {} if r.startswith("hdm_node_")), proc, env)
     except Exception as e:
         _stop_pid(proc.pid, "ray")
         tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
         shutil.rmtree(temp, ignore_errors=True)
         raise RuntimeError(f"{e}\n{tail}") from None
-    return Service("ray", proc.pid, {"RAY_ADDRESS": f"127.0.0.1:{gcs}", "HDM_RAY_DASHBOARD": url}, [temp])
+    if address is not None:
+        return Service("ray-node", proc.pid, {}, [temp])
+    return Service("ray", proc.pid, {"RAY_ADDRESS": f"127.0.0.1:{flag['port']}", "HDM_RAY_DASHBOARD": url}, [temp])
+
+
+def _wait_node(dashboard: str, marker: str, proc: subprocess.Popen, env: dict[str, str],
+               timeout: float = 90) -> None:
+    """Until the cluster of `dashboard` lists a node with the resource `marker` as alive (`ray list nodes`)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray node exited with code {proc.returncode}")
+        listed = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", dashboard, "--format", "json",
+                                 "--filter", "state=ALIVE"], capture_output=True, text=True, env=_env(env), timeout=60)
+        if listed.returncode == 0 and listed.stdout.lstrip().startswith("[") and any(
+                marker in n.get("resources_total", {}) for n in json.loads(listed.stdout)):
+            return
+        time.sleep(1.0)
+    raise TimeoutError(f"the node did not join {dashboard} within {timeout:.0f} s")
 
 
 def start_moto(log: Path | None = None) -> Service:
@@ -202,8 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                 running.append(service)
             else:
                 stop(service)  # its process group's leftovers and temporary folders
-    starters = {"ray": (args.ray, start_ray_head), "s3": (args.s3, start_moto),
-                "mlflow": (args.mlflow, lambda log: start_mlflow(log, args.mlflow_root))}
+    # moto first: the Ray node gets its credentials in its own environment, as a real node does (jobs never
+    # carry them in their runtime env)
+    def node_env() -> dict[str, str]:
+        return {k: v for s in started if s.name == "s3" for k, v in s.env.items() if k.startswith("AWS_")}
+
+    starters = {"s3": (args.s3, start_moto), "mlflow": (args.mlflow, lambda log: start_mlflow(log, args.mlflow_root)),
+                "ray": (args.ray, lambda log: start_ray_head(log=log, env=node_env()))}
     started = list(running)
     if args.logs:
         args.logs.mkdir(parents=True, exist_ok=True)
