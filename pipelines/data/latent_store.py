@@ -61,6 +61,13 @@ class ReasonCode:
     TOO_SMALL = "too_small"  # short side below the resolution: that resolution only
     UNREADABLE_SHARD = "unreadable_shard"
     MISSING_IMAGE = "missing_image"  # an input row or sample without image bytes
+    UNSUPPORTED_FORMAT = "unsupported_format"  # a file of a format not decoded here (.heic, .avif, .eps, ...)
+    CORRUPT_RECORD = "corrupt_record"  # one record of a shard unreadable; the rest of the shard is read
+    DECODE_MEMORY = "decode_memory"  # decoding would take more memory than the guard allows
+    TRANSFORM_FAILED = "transform_failed"  # an error after decode (EXIF transpose, conversion, resize)
+    CAPTION_FAILED = "caption_failed"  # the captioner raised for this image
+    ENCODE_FAILED = "encode_failed"  # the VAE raised for this image alone (e.g. out of memory)
+    WORKER_CRASHED = "worker_crashed"  # the input killed its worker process on every attempt
 
 
 def reason_text(code: str, detail: str = "") -> str:

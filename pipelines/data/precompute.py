@@ -1,169 +1,26 @@
 """Latent precompute as a Ray Data job: read -> decode/validate/resize -> [caption] -> VAE encode -> write.
 
-Every stage passes one table schema (`STREAM_SCHEMA`); rows are either items or errors, and errors ride
-along to the writer, so a bad input costs one errors/ row and never stops the job.
+The stages are in pipelines/data/stages.py; here the job that wires them: resume by key, the manifest, the
+summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
 import ray
-from ray.data.block import BlockAccessor
 
-from pipelines.cluster import CoreShare, cpu_threads
 from pipelines.data.config import PrecomputeConfig
-from pipelines.data.images import ImageError, TransformSpec, decode_image, resize_for_resolution, thumbnail
-from pipelines.data.latent_store import (LatentWriter, ManifestMismatch, build_manifest, check_manifest,
-                                         count_rows, done_keys, read_manifest, write_manifest)
-from pipelines.data.sources import Unit, error, list_units, read_unit
+from pipelines.data.images import TransformSpec
+from pipelines.data.latent_store import (ManifestMismatch, build_manifest, check_manifest, count_rows, done_keys,
+                                         read_manifest, write_manifest)
+from pipelines.data.sources import Unit, list_units
+from pipelines.data.stages import CaptionStage, EncodeStage, LatentDatasink, PrepareStage, ReadStage
 from pipelines.storage import resolve
-
-STREAM_SCHEMA = pa.schema([
-    ("kind", pa.string()), ("key", pa.string()), ("source", pa.string()), ("data", pa.binary()),
-    ("caption", pa.string()), ("caption_source", pa.string()), ("todo", pa.list_(pa.int32())),
-    ("sha256", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("res", pa.list_(pa.int32())), ("pixels", pa.list_(pa.binary())),
-    ("pix_h", pa.list_(pa.int32())), ("pix_w", pa.list_(pa.int32())), ("thumb", pa.binary()),
-    ("stage", pa.string()), ("reason_code", pa.string()), ("reason", pa.string()), ("err_res", pa.int32()),
-])
-
-
-def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Stages (plain callables; Ray runs them as tasks or actors)
-
-@dataclass
-class ReadStage:
-    fs: Any
-    resolutions: list[int]
-    done: Any  # ObjectRef of {res: set(keys)}
-
-    def __call__(self, units: pa.Table) -> pa.Table:
-        done = ray.get(self.done) if isinstance(self.done, ray.ObjectRef) else self.done
-        rows = []
-        for unit in units.to_pylist():
-            for row in read_unit(self.fs, Unit(**unit)):
-                todo = [r for r in self.resolutions if row["key"] not in done[r]]
-                if todo:
-                    rows.append({**row, "todo": todo})
-        return _table(rows, STREAM_SCHEMA)
-
-
-@dataclass
-class PrepareStage:
-    spec: TransformSpec
-    max_pixels: int
-    want_thumbnail: bool
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in batch.to_pylist():
-            out.extend(self.prepare(row) if row["kind"] == "item" else [row])
-        return _table(out, STREAM_SCHEMA)
-
-    def prepare(self, row: dict) -> list[dict]:
-        data, row = row["data"], {**row, "data": None}
-        try:
-            img = decode_image(data, max_pixels=self.max_pixels)
-        except ImageError as e:
-            return [error(row["key"], row["source"], stage="decode", code=e.code, detail=e.detail)]
-        errors, res, pixels, hs, ws = [], [], [], [], []
-        for r in row["todo"]:
-            try:
-                arr = resize_for_resolution(img, r, self.spec)
-            except ImageError as e:
-                errors.append(error(row["key"], row["source"], stage="resize", code=e.code, detail=e.detail, res=r))
-                continue
-            res.append(r), pixels.append(arr.tobytes()), hs.append(arr.shape[0]), ws.append(arr.shape[1])
-        if not res:
-            return errors
-        row.update(sha256=hashlib.sha256(data).hexdigest(), width=img.width, height=img.height, res=res,
-                   pixels=pixels, pix_h=hs, pix_w=ws, thumb=thumbnail(img) if self.want_thumbnail else None)
-        return [row, *errors]
-
-
-class CaptionStage:
-    """Actor: generates captions from thumbnails and merges them with the input's."""
-
-    def __init__(self, model: str, policy: str, max_new_tokens: int, use_gpu: bool):
-        import io
-
-        from PIL import Image
-
-        from pipelines.data.captioning import Captioner, merge_caption
-
-        self._open = lambda b: Image.open(io.BytesIO(b)).convert("RGB")
-        self._merge, self.policy = merge_caption, policy
-        self.captioner = Captioner(model, device="cuda" if use_gpu else "cpu", max_new_tokens=max_new_tokens)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        items = [r for r in rows if r["kind"] == "item"]
-        if items:
-            generated = self.captioner([self._open(r["thumb"]) for r in items])
-            for row, text in zip(items, generated):
-                appended = self.policy == "append" and bool(row["caption"].strip())
-                row["caption"] = self._merge(row["caption"], text, self.policy)
-                row["caption_source"] = f"{row['caption_source']}+model" if appended else "model"
-                row["thumb"] = None
-        return _table(rows, STREAM_SCHEMA)
-
-
-class EncodeStage:
-    """Actor: VAE-encodes every (item, resolution) of a batch, images of equal size together
-    (pipelines/data/encode.py, which runs without Ray)."""
-
-    def __init__(self, vae: str, use_gpu: bool, threads: int | None, actors: int, batch_size: int, store_std: bool):
-        import torch
-
-        from pipelines.data.encode import BatchEncoder
-
-        # Ray pins workers to one thread; a CPU encoder takes `threads`, else its share of the node's cores to
-        # start with, then before each group the cores the rest of the node leaves idle (CoreShare)
-        share = None
-        if not use_gpu:
-            torch.set_num_threads(cpu_threads(actors, threads))
-            share = CoreShare(torch.get_num_threads()) if threads is None else None
-        self.encode = BatchEncoder(vae, device="cuda" if use_gpu else "cpu", batch_size=batch_size,
-                                   store_std=store_std, threads=share.update if share else None)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.encode(batch)
-
-
-class LatentDatasink(ray.data.Datasink):
-    def __init__(self, fs, root: str, rows_per_file: int):
-        self.writer = LatentWriter(fs, root)
-        self.rows_per_file = rows_per_file
-        self.stats: dict[str, Counter] = {"rows": Counter(), "errors": Counter()}
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks, ctx) -> dict:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        if not tables:
-            return {"rows": Counter(), "errors": Counter()}
-        return self.writer.write(pa.concat_tables(tables))
-
-    def on_write_complete(self, write_result) -> None:
-        for stats in write_result.write_returns:
-            self.stats["rows"].update(stats["rows"])
-            self.stats["errors"].update(stats["errors"])
-
 
 # ---------------------------------------------------------------------------------------------------
 # The job

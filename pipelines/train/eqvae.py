@@ -27,8 +27,8 @@ import torch
 from pipelines.cluster import epoch_batches, scaling
 from pipelines.config import S3Options
 from pipelines.data.images import TransformSpec
-from pipelines.data.precompute import PrepareStage, ReadStage
 from pipelines.data.sources import list_units
+from pipelines.data.stages import PrepareStage, ReadStage
 from pipelines.storage import resolve, upload
 from pipelines.tracking import INPUT_TAG, STAGE_TAG, STAGE_VAE, VAE_OUTPUT_TAG, StageRun
 from pipelines.train.config import VAETrainConfig

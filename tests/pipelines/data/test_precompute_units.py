@@ -12,7 +12,8 @@ from PIL import Image
 from pipelines.cluster import CoreShare, cpu_marks
 from pipelines.data.images import TransformSpec
 from pipelines.data.latent_store import ReasonCode
-from pipelines.data.precompute import STREAM_SCHEMA, PrepareStage, default_encoders
+from pipelines.data.precompute import default_encoders
+from pipelines.data.stages import STREAM_SCHEMA, PrepareStage
 
 
 @pytest.mark.parametrize(("resources", "gpus", "captioners", "blocks", "expected"), [
