@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test unit bench demo down clean-venv
+.PHONY: venv test unit chaos bench demo down clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,14 +17,18 @@ $(STAMP): requirements-cpu.txt pyproject.toml | $(PY)
 
 venv: $(STAMP)
 
-# Everything, integration tests included (they start a local Ray head node, a moto S3 server and an
-# MLflow server unless .ci/run already did; each is stopped by its PID).
+# Everything but the long fault cases, integration tests included (they start a local Ray head node, a moto
+# S3 server and an MLflow server unless .ci/run already did; each is stopped by its PID).
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Unit tests only: seconds, no services.
 unit: $(STAMP)
-	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
+
+# The chaos suite: every injected fault (docs/faults.md), the long ones included (about N minutes on 2 cores).
+chaos: $(STAMP)
+	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 # The README's main command: local Ray head node + MLflow server (infra/local/demo.sh), the demo DAG
 # submitted to it as a Ray job. A second `make demo` skips finished stages; `make down` stops the services.
