@@ -1,7 +1,8 @@
 """The shared `main` of the jobs in jobs/: parse and validate, run, map refusals to exit codes.
 
 Exit codes: 0 done; 2 invalid configuration (nothing ran); 3 refused by the job (a clear reason on
-stderr, nothing lost: e.g. a manifest mismatch or a missing previous stage).
+stderr, nothing lost: e.g. a manifest mismatch or a missing previous stage); 4 the MLflow tracking server
+could not be reached (the DAG runner: nothing was submitted, or the stage that was running keeps running).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ Config = TypeVar("Config", bound=BaseModel)
 
 EXIT_INVALID = 2
 EXIT_REFUSED = 3
+EXIT_TRACKING = 4
 
 
 def job_main(name: str, parse: Callable[[], Config], run: Callable[[Config], Any], *,

@@ -43,6 +43,10 @@ DAG_ERROR_TAG = "hdm.dag.error"
 DAG_OUTPUT_TAG = "hdm.output."  # + output name: a URI a dependent stage reads
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server did not answer within the patience allowed (its URI is in the message)."""
+
+
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """{"a": {"b": 1}} -> {"a.b": "1"}: nested config -> MLflow params."""
     out: dict[str, str] = {}

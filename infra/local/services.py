@@ -178,16 +178,17 @@ def start_moto(log: Path | None = None) -> Service:
                                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
 
 
-def start_mlflow(log: Path | None = None, root: Path | None = None) -> Service:
+def start_mlflow(log: Path | None = None, root: Path | None = None, port: int | None = None) -> Service:
     """An MLflow server in light mode (no job execution), sqlite + local artifacts under `root`, kept
-    after stop when `root` is given (the demo's runs survive `make down`), else a temporary folder."""
+    after stop when `root` is given (the demo's runs survive `make down`), else a temporary folder. `port`:
+    a given one (a server restarted where its clients expect it), else a free one."""
     keep = root is not None
     if keep:
         root.mkdir(parents=True, exist_ok=True)
         root = root.resolve()
     else:
         root = Path(tempfile.mkdtemp(prefix="hdm-mlflow-"))
-    port = free_port()
+    port = port or free_port()
     env = dict(_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     out = open(log or os.devnull, "ab")
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
