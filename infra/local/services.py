@@ -57,7 +57,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, token: str | No
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment for a service, with `extra` on top: Ray auth off unless `extra` says otherwise."""
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **(extra or {}))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -77,16 +77,17 @@ def start_ray_head(num_cpus: int = 2, log: Path | None = None, attempts: int = 2
 
     `env`: the node's own environment on top of this process's (credentials the cluster's jobs use live here,
     never in a job's runtime env); `resources`: custom resources of the node; `auth_token`: Ray token auth on,
-    with this token (clients need it as RAY_AUTH_TOKEN). A start that fails (a port taken between choosing and
-    binding it) is retried with new ports.
+    with this token (clients need RAY_AUTH_MODE=token and RAY_AUTH_TOKEN: both are in the service's env). A
+    start that fails (a port taken between choosing and binding it) is retried with new ports.
     """
     extra = dict(env or {})
-    if auth_token:
-        extra.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": auth_token} if auth_token else {}
     for attempt in range(attempts):
         try:
-            return _start_ray_node(None, num_cpus=num_cpus, log=log, env=extra, resources=resources,
+            head = _start_ray_node(None, num_cpus=num_cpus, log=log, env={**extra, **auth}, resources=resources,
                                    token=auth_token)
+            head.env.update(auth)  # what clients need besides the address
+            return head
         except RuntimeError as e:
             if attempt == attempts - 1:
                 raise
@@ -178,10 +179,13 @@ def start_moto(log: Path | None = None) -> Service:
                                     "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
 
 
-def start_mlflow(log: Path | None = None, root: Path | None = None, port: int | None = None) -> Service:
+def start_mlflow(log: Path | None = None, root: Path | None = None, port: int | None = None, *,
+                 auth: tuple[str, str] | None = None) -> Service:
     """An MLflow server in light mode (no job execution), sqlite + local artifacts under `root`, kept
     after stop when `root` is given (the demo's runs survive `make down`), else a temporary folder. `port`:
-    a given one (a server restarted where its clients expect it), else a free one."""
+    a given one (a server restarted where its clients expect it), else a free one. `auth`: (user, password)
+    of MLflow's basic-auth app, its admin; its user store is `root`/basic_auth.db, and clients pass the pair
+    as MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (given back in the service's env)."""
     keep = root is not None
     if keep:
         root.mkdir(parents=True, exist_ok=True)
@@ -190,13 +194,31 @@ def start_mlflow(log: Path | None = None, root: Path | None = None, port: int | 
         root = Path(tempfile.mkdtemp(prefix="hdm-mlflow-"))
     port = port or free_port()
     env = dict(_env(), MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    app: list[str] = []
+    if auth:
+        env.update(_mlflow_auth_env(root, *auth))
+        app = ["--app-name", "basic-auth"]
     out = open(log or os.devnull, "ab")
     proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
                              "--default-artifact-root", f"{root}/artifacts", "--host", "127.0.0.1", "--port", str(port),
-                             "--workers", "1"], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                             "--workers", "1", *app], env=env, stdout=out, stderr=subprocess.STDOUT,
+                            start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    _wait_http(f"{uri}/health", 90, proc)
-    return Service("mlflow", proc.pid, {"MLFLOW_TRACKING_URI": uri}, [] if keep else [str(root)])
+    _wait_http(f"{uri}/health", 90, proc)  # /health answers without a login
+    clients = {"MLFLOW_TRACKING_URI": uri}
+    if auth:
+        clients.update(MLFLOW_TRACKING_USERNAME=auth[0], MLFLOW_TRACKING_PASSWORD=auth[1])
+    return Service("mlflow", proc.pid, clients, [] if keep else [str(root)])
+
+
+def _mlflow_auth_env(root: Path, user: str, password: str) -> dict[str, str]:
+    """The server-side environment of MLflow's basic-auth app: its config file (written under `root`: the
+    user store's location, no credential), the admin it creates on first start, and the static key its
+    CSRF protection needs (random: the store outlives it, the key need not)."""
+    config = root / "basic_auth.ini"
+    config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/basic_auth.db\n")
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_USERNAME": user,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
 
 
 def _stop_pid(pid: int, name: str, timeout: float = 60) -> None:

@@ -1,10 +1,13 @@
 """The deployment files agree with the code: every manifest parses; every job command in a manifest (the
 training RayJobs as `kubectl kustomize` renders their overlays) or in the deployment docs is accepted by
 that job's own parser; GPU requests match the workers that ask for them; services stay on loopback or
-cluster-internal addresses; no credential is written into a file."""
+cluster-internal addresses; no credential is written into a file; each pod gets the credentials it uses,
+and only those, from the one Secret (k8s) or .env (the node); Ray runs with token auth and MLflow with
+basic auth; the network policies admit the project's pods and nothing else."""
 
 from __future__ import annotations
 
+import configparser
 import copy
 import functools
 import importlib
@@ -17,12 +20,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.secrets import is_secret_name
+from pipelines.secrets import is_secret_name, redact_text
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 TRAIN = K8S / "jobs" / "train"  # kustomize: base/ (a Component) and one overlay per training stage
 NODE = ROOT / "infra" / "node"
+SECRET = "hdm-credentials"  # the one Secret of the k8s deployment; its keys: infra/k8s/credentials.env.template
 DOCS = {"node": ROOT / "docs" / "node.md", "kubernetes": ROOT / "docs" / "kubernetes.md"}
 JOB_SCRIPT = re.compile(r"^(?:.*/)?jobs/(\w+)\.py$")
 SHELL_SEPARATORS = {"&&", "||", ";", "|"}
@@ -33,6 +37,12 @@ JOBS = ("precompute_latents", "train_vae", "train_stage", "sample", "ingest", "r
 
 def yaml_documents(path: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def env_settings(path: Path) -> dict[str, str]:
+    """NAME=VALUE lines of an env file (comments and blank lines skipped)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
 
 
 def k8s_objects() -> list[dict]:
@@ -209,10 +219,10 @@ def test_node_services_bind_loopback_and_hold_no_secret():
 
 
 def test_env_template_leaves_every_secret_empty():
-    settings = dict(line.split("=", 1) for line in (NODE / "env.template").read_text().splitlines()
-                    if line.strip() and not line.startswith("#"))
+    settings = env_settings(NODE / "env.template")
     secrets = [k for k in settings if is_secret_name(k)]
-    assert {"POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY"} <= set(secrets)
+    assert {"POSTGRES_PASSWORD", "AWS_SECRET_ACCESS_KEY", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= set(secrets)
     assert all(settings[k] == "" for k in secrets)
     assert "/infra/node/.env" in (ROOT / ".gitignore").read_text().splitlines()
 
@@ -271,3 +281,211 @@ def test_image_pins_match_the_tested_set():
     dockerfile = (ROOT / "infra" / "docker" / "Dockerfile").read_text()
     assert f"pytorch/pytorch:{tested['torch']}-cuda" in dockerfile
     assert re.search(r"^USER (?!root)\w+", dockerfile, flags=re.M)
+
+
+# --- credentials, authentication and network policies (issue 17) ---
+
+# The Secret keys each long-lived pod reads, by its environment variable: only what it uses.
+NEEDS = {
+    "mlflow": {"MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+    "hdm-head": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "HF_TOKEN"},
+}
+NEEDS["hdm-gpu4"] = NEEDS["hdm-head"]
+OPTIONAL_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"}  # IAM roles; public models
+# The .env variables (secret ones) each node service reads.
+NODE_NEEDS = {
+    "postgres": {"POSTGRES_PASSWORD"},
+    "mlflow": {"POSTGRES_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_PASSWORD",
+               "MLFLOW_FLASK_SERVER_SECRET_KEY"},
+    "ray-head": {"RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"},
+}
+PROJECT = {"app.kubernetes.io/part-of": "hdm"}
+OUTSIDER = {"app.kubernetes.io/name": "someone-else"}
+OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}  # the KubeRay Helm chart's pod label
+
+
+def pods() -> dict[str, tuple[dict, dict]]:
+    """{name: (pod template, the labels its pods carry)} of every long-lived pod: the Deployments' and each
+    RayCluster's head and worker groups, with the labels KubeRay adds to its pods (ray-operator's labelPod)."""
+    found = {d["metadata"]["name"]: (d["spec"]["template"], d["spec"]["template"]["metadata"]["labels"])
+             for d in of_kind("Deployment")}
+    for cluster in of_kind("RayCluster"):
+        name, spec = cluster["metadata"]["name"], cluster["spec"]
+        groups = [("head", "headgroup", spec["headGroupSpec"])] + [
+            ("worker", g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for node_type, group, group_spec in groups:
+            template = group_spec["template"]
+            labels = {**template.get("metadata", {}).get("labels", {}), "ray.io/cluster": name,
+                      "ray.io/node-type": node_type, "ray.io/group": group, "app.kubernetes.io/name": "kuberay"}
+            found[f"{name}-{'head' if node_type == 'head' else group}"] = (template, labels)
+    return found
+
+
+def containers(template: dict) -> list[dict]:
+    return template["spec"]["containers"] + template["spec"].get("initContainers", [])
+
+
+def test_each_pod_reads_the_credentials_it_uses_and_only_those_from_the_one_secret():
+    keys = env_settings(K8S / "credentials.env.template")
+    assert all(value == "" for key, value in keys.items() if is_secret_name(key))
+    found = pods()
+    assert set(found) == set(NEEDS)
+    used = set()
+    for name, (template, _) in found.items():
+        for container in containers(template):
+            assert "envFrom" not in container, (name, container["name"])  # a whole Secret: more than it needs
+            refs = {}
+            for env in container.get("env", []):
+                ref = env.get("valueFrom", {}).get("secretKeyRef")
+                if ref is None:
+                    assert not is_secret_name(env["name"]) and "STORE_URI" not in env["name"], (name, env["name"])
+                    continue
+                assert ref["name"] == SECRET and ref["key"] in keys, (name, env["name"])
+                assert ref.get("optional", False) == (ref["key"] in OPTIONAL_KEYS), (name, env["name"])
+                refs[env["name"]] = ref["key"]
+            assert set(refs) == (NEEDS[name] if container is template["spec"]["containers"][0] else set()), name
+            used |= set(refs.values())
+    assert set(keys) == used | {"auth_token"}  # auth_token: the Ray token, read by KubeRay (authOptions)
+
+
+def test_no_manifest_holds_a_credential_or_passes_one_on_a_command_line():
+    objects = k8s_objects() + [doc for docs in train_overlays().values() for doc in docs]
+    assert not [obj for obj in objects if obj["kind"] == "Secret"]
+    for config_map in of_kind("ConfigMap"):
+        for text in config_map.get("data", {}).values():
+            for line in text.splitlines():
+                assert not is_secret_name(line.split("=")[0].strip()) and redact_text(line, set()) == line, line
+    for job in of_kind("RayJob"):
+        runtime_env = yaml.safe_load(job["spec"].get("runtimeEnvYAML", "{}"))
+        assert not [k for k in runtime_env.get("env_vars", {}) if is_secret_name(k)], job["metadata"]["name"]
+    compose = yaml_documents(NODE / "compose.yaml")[0]
+    lines = [job["spec"]["entrypoint"] for job in of_kind("RayJob")]
+    lines += [" ".join(c.get("command", []) + c.get("args", [])) for _, (t, _) in pods().items() for c in containers(t)]
+    lines += [" ".join(service.get("command", [])) for service in compose["services"].values()]
+    for line in lines:
+        assert redact_text(line, set()) == line, line  # no URI with a password
+        referenced = re.findall(r"\$\(?\{?(\w+)", line)  # $(VAR) expands into the argv the node shows
+        assert not [v for v in referenced if is_secret_name(v) or "STORE_URI" in v], line
+
+
+def test_ray_runs_with_token_auth_on_every_node():
+    for cluster in of_kind("RayCluster"):
+        # KubeRay >= 1.6 reads key auth_token of this Secret into RAY_AUTH_TOKEN of the head, the workers and
+        # the RayJob submitters, sets RAY_AUTH_MODE=token there, and calls the job API with the token.
+        assert cluster["spec"]["authOptions"] == {"mode": "token", "secretName": SECRET}
+        assert tuple(int(p) for p in cluster["spec"]["rayVersion"].split(".")[:2]) >= (2, 52)  # token auth
+    assert "auth_token" in env_settings(K8S / "credentials.env.template")
+    for name, (template, _) in pods().items():
+        for container in containers(template):  # a container's own value would win over KubeRay's
+            assert not [e for e in container.get("env", []) if e["name"].startswith("RAY_AUTH")], name
+    head = yaml_documents(NODE / "compose.yaml")[0]["services"]["ray-head"]
+    assert head["environment"]["RAY_AUTH_MODE"] == "token"
+    assert head["environment"]["RAY_AUTH_TOKEN"].startswith("${RAY_AUTH_TOKEN:?")
+
+
+def _auth_store_on_volume(config_text: str, volume_paths: set[str]) -> None:
+    """MLflow's basic-auth config keeps its user store in sqlite on a persistent volume, and holds no login."""
+    config = configparser.ConfigParser()
+    config.read_string(config_text)
+    database = config["mlflow"]["database_uri"]
+    assert database.startswith("sqlite:////") and str(Path(database[len("sqlite:///"):]).parent) in volume_paths
+    assert config["mlflow"]["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    assert not [k for k in config["mlflow"] if is_secret_name(k)]
+
+
+def test_mlflow_runs_behind_basic_auth_with_a_persistent_user_store():
+    deployment = next(d for d in of_kind("Deployment") if d["metadata"]["name"] == "mlflow")
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert "--app-name basic-auth" in " ".join(container["command"])
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    config_dir, config_file = env["MLFLOW_AUTH_CONFIG_PATH"].rsplit("/", 1)
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config_volume = next(n for n, path in mounts.items() if path == config_dir)
+    config_map = next(c for c in of_kind("ConfigMap")
+                      if c["metadata"]["name"] == volumes[config_volume]["configMap"]["name"])
+    claims = {c["metadata"]["name"] for c in of_kind("PersistentVolumeClaim")}
+    on_claims = {mounts[n] for n, v in volumes.items() if v.get("persistentVolumeClaim", {}).get("claimName") in claims}
+    _auth_store_on_volume(config_map["data"][config_file], on_claims)
+    assert deployment["spec"]["strategy"]["type"] == "Recreate"  # one pod at a time on the ReadWriteOnce claim
+
+    compose = yaml_documents(NODE / "compose.yaml")[0]
+    mlflow = compose["services"]["mlflow"]
+    assert "--app-name basic-auth" in " ".join(mlflow["command"])
+    binds = dict(v.rsplit(":", 1)[0].split(":", 1) for v in mlflow["volumes"] if v.endswith(":ro"))
+    named = dict(v.split(":", 1) for v in mlflow["volumes"] if not v.endswith(":ro"))
+    source = next(src for src, target in binds.items() if target == mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"])
+    assert set(named) <= set(compose["volumes"])
+    _auth_store_on_volume((NODE / source).read_text(), set(named.values()))
+    admin = {k: v for k, v in mlflow["environment"].items() if k.startswith("MLFLOW_AUTH_ADMIN")}
+    assert admin == {"MLFLOW_AUTH_ADMIN_USERNAME": compose["services"]["ray-head"]["environment"]
+                     ["MLFLOW_TRACKING_USERNAME"],
+                     "MLFLOW_AUTH_ADMIN_PASSWORD": compose["services"]["ray-head"]["environment"]
+                     ["MLFLOW_TRACKING_PASSWORD"]}  # the jobs log in as the admin the server creates
+
+
+def test_node_services_get_only_the_credentials_they_use():
+    compose = yaml_documents(NODE / "compose.yaml")[0]
+    settings = env_settings(NODE / "env.template")
+    for name, service in compose["services"].items():
+        referenced = {v for value in service.get("environment", {}).values()
+                      for v in re.findall(r"\$\{(\w+)", str(value))}
+        assert referenced <= set(settings), name
+        assert {v for v in referenced if is_secret_name(v)} == NODE_NEEDS[name], name
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    """Kubernetes' label selector semantics (matchLabels and matchExpressions)."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    tests = {"In": lambda e: labels.get(e["key"]) in e["values"], "NotIn": lambda e: labels.get(e["key"]) not in
+             e["values"], "Exists": lambda e: e["key"] in labels, "DoesNotExist": lambda e: e["key"] not in labels}
+    return all(tests[e["operator"]](e) for e in selector.get("matchExpressions", []))
+
+
+def _peer_admits(peer: dict, source: dict, same_namespace: bool) -> bool:
+    if "ipBlock" in peer:
+        return True  # addresses: anyone, as far as this test can tell
+    if "namespaceSelector" not in peer and not same_namespace:
+        return False
+    # a namespaceSelector is taken to match every namespace (their labels are not known here)
+    return _matches(peer.get("podSelector", {}), source)
+
+
+def admitted(source: dict, target: dict, port: int, *, same_namespace: bool = True) -> bool:
+    """Whether the namespace's NetworkPolicies let a pod labelled `source` connect to a pod labelled `target`
+    on `port`: the union of the ingress rules of every policy that selects the target (none: not isolated)."""
+    policies = [p["spec"] for p in of_kind("NetworkPolicy")
+                if "Ingress" in p["spec"]["policyTypes"] and _matches(p["spec"]["podSelector"], target)]
+    if not policies:
+        return True
+    for rule in (rule for policy in policies for rule in policy.get("ingress", [])):
+        if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        if "from" not in rule or any(_peer_admits(peer, source, same_namespace) for peer in rule["from"]):
+            return True
+    return False
+
+
+def test_network_policies_admit_the_projects_pods_and_nothing_else():
+    found = {name: labels for name, (_, labels) in pods().items()}
+    head, worker, mlflow = found["hdm-head"], found["hdm-gpu4"], found["mlflow"]
+    assert all(PROJECT.items() <= labels.items() for labels in found.values())
+    submitters = [{"batch.kubernetes.io/job-name": job["metadata"]["name"], "job-name": job["metadata"]["name"]}
+                  for job in of_kind("RayJob")]
+    assert len(submitters) >= 5
+    for port in (8265, 6379, 10001):  # job API and dashboard, GCS, Ray client
+        assert admitted(PROJECT, head, port) and admitted(worker, head, port)
+        assert not admitted(OUTSIDER, head, port) and not admitted(OUTSIDER, head, port, same_namespace=False)
+        assert admitted(OPERATOR, head, port, same_namespace=False) == (port == 8265)
+        assert all(admitted(submitter, head, port) == (port == 8265) for submitter in submitters)
+        assert not admitted(PROJECT, head, port, same_namespace=False)
+    assert admitted(head, worker, 40000) and not admitted(mlflow, worker, 40000)
+    assert not admitted(OUTSIDER, worker, 6379)
+    assert admitted(head, mlflow, 5000) and admitted(worker, mlflow, 5000) and admitted(PROJECT, mlflow, 5000)
+    assert not admitted(OUTSIDER, mlflow, 5000) and not admitted(submitters[0], mlflow, 5000)
+    assert not admitted(OPERATOR, mlflow, 5000, same_namespace=False)
+    assert not admitted(PROJECT, mlflow, 22) and not admitted(PROJECT, OUTSIDER, 80)  # default deny
