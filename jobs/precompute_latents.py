@@ -16,8 +16,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
-from pipelines.data.config import PrecomputeConfig
+from pipelines.data.config import PrecomputeConfig  # noqa: E402
 from pipelines.data.latent_store import ManifestMismatch  # noqa: E402
+from pipelines.lease import LeaseHeld  # noqa: E402
+from pipelines.prechecks import check_input, check_model, check_output  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
@@ -50,13 +52,23 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
         "caption_actors": "caption.actors", "caption_gpus": "caption.gpus_per_actor"})
 
 
+def precheck(config: PrecomputeConfig) -> None:
+    """Before Ray and the models: the input is there, the output writable, the VAE (and captioner) loadable."""
+    check_input(config.input, config.s3)
+    check_output(config.output, config.s3)
+    check_model(config.vae, what="--vae")
+    if config.caption.mode == "model":
+        check_model(config.caption.model, what="--caption-model")
+
+
 def main(argv: list[str] | None = None) -> int:
     def run(config: PrecomputeConfig):
         from pipelines.data.precompute import run_precompute
 
         return run_precompute(config)
 
-    return job_main("precompute", lambda: parse_args(argv), run, refusals=(ManifestMismatch, FileNotFoundError))
+    return job_main("precompute", lambda: parse_args(argv), run, precheck=precheck,
+                    refusals=(ManifestMismatch, FileNotFoundError, LeaseHeld))
 
 
 if __name__ == "__main__":

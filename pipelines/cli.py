@@ -1,18 +1,24 @@
-"""The shared `main` of the jobs in jobs/: parse and validate, run, map refusals to exit codes.
+"""The shared `main` of the jobs in jobs/: parse and validate, check, run, map refusals to exit codes.
 
-Exit codes: 0 done; 2 invalid configuration (nothing ran); 3 refused by the job (a clear reason on
-stderr, nothing lost: e.g. a manifest mismatch or a missing previous stage); 4 the MLflow tracking server
-could not be reached (the DAG runner: nothing was submitted, or the stage that was running keeps running).
+Exit codes: 0 done; 2 invalid configuration or a failed precheck (nothing ran, no Ray started); 3 refused by
+the job (a clear reason on stderr, nothing lost: e.g. a manifest mismatch or a missing previous stage); 4 the
+MLflow tracking server could not be reached (the DAG runner: nothing was submitted, or the stage that was
+running keeps running).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
+
+from pipelines.prechecks import PrecheckFailed
+from pipelines.secrets import environment_secrets, redact_text
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -22,25 +28,78 @@ EXIT_TRACKING = 4
 
 
 def job_main(name: str, parse: Callable[[], Config], run: Callable[[Config], Any], *,
-             refusals: tuple[type[Exception], ...] = (), init_ray: bool = True) -> int:
-    """Run one job: `parse()` the config, `ray.init()` (the job's cluster) when asked, `run(config)`,
-    print the `format()` of the summary it returns."""
-    try:
-        config = parse()
-    except ValidationError as e:
-        print(f"{name}: invalid configuration:\n{e}", file=sys.stderr)
-        return EXIT_INVALID
-    if init_ray:
-        from pipelines.cluster import connect
+             refusals: tuple[type[Exception], ...] = (), init_ray: bool = True,
+             precheck: Callable[[Config], None] | None = None) -> int:
+    """Run one job: `parse()` the config, `precheck(config)` (pipelines/prechecks.py: what can be checked
+    without a cluster or a model), `ray.init()` (the job's cluster) when asked, `run(config)`, print the
+    `format()` of the summary it returns. Everything the job prints passes `redacted_output`."""
+    with redacted_output():
+        try:
+            config = parse()
+        except ValidationError as e:
+            print(f"{name}: invalid configuration:\n{e}", file=sys.stderr)
+            return EXIT_INVALID
+        if precheck is not None:
+            try:
+                precheck(config)
+            except PrecheckFailed as e:
+                print(f"{name}: {e}", file=sys.stderr)
+                return EXIT_INVALID
+        if init_ray:
+            from pipelines.cluster import connect
 
-        connect()
+            connect()
+        try:
+            summary = run(config)
+        except refusals as e:
+            print(f"{name} refused: {e}", file=sys.stderr)
+            return EXIT_REFUSED
+        print(summary.format(), flush=True)
+        return 0
+
+
+class RedactingWriter:
+    """A text stream that writes each line to `stream` through `pipelines.secrets.redact_text`. A line is held
+    back until it is complete (or flushed), so that a credential is not split between two writes; everything
+    else (fileno, isatty, encoding) is the wrapped stream's. Bytes written to `.buffer` or to the file
+    descriptor itself (C extensions) pass unredacted."""
+
+    def __init__(self, stream, secrets: set[str]):
+        self.stream, self.secrets = stream, secrets
+        self._pending, self._lock = "", threading.Lock()  # Ray's log thread writes beside the main thread
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            *lines, self._pending = (self._pending + text).split("\n")
+            for line in lines:
+                self.stream.write(redact_text(line, self.secrets) + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            if self._pending:
+                self.stream.write(redact_text(self._pending, self.secrets))
+                self._pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def redacted_output() -> Iterator[None]:
+    """sys.stdout and sys.stderr through RedactingWriter while inside: a job's driver output is Ray's job
+    log, which the dashboard and `ray job logs` show to anyone who can reach them. The secrets are those of
+    this process's environment (pipelines/secrets.py), read once."""
+    secrets = environment_secrets()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = RedactingWriter(sys.stdout, secrets), RedactingWriter(sys.stderr, secrets)
     try:
-        summary = run(config)
-    except refusals as e:
-        print(f"{name} refused: {e}", file=sys.stderr)
-        return EXIT_REFUSED
-    print(summary.format(), flush=True)
-    return 0
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved
 
 
 # Flags named after nested config fields: every job's tracking and s3 flags mean the same thing.

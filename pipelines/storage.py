@@ -23,8 +23,13 @@ def resolve(uri: str, s3: S3Options = S3Options()) -> tuple[pafs.FileSystem, str
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def s3_filesystem(options: S3Options) -> pafs.S3FileSystem:
+def s3_filesystem(options: S3Options, *, timeout_s: float | None = None) -> pafs.S3FileSystem:
+    """`timeout_s`: connect and request timeouts and a single attempt, for a quick check that fails fast
+    (the default retries a slow or absent endpoint for minutes)."""
     kwargs: dict = {}
+    if timeout_s is not None:
+        kwargs.update(connect_timeout=timeout_s, request_timeout=timeout_s,
+                      retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1))
     if options.endpoint_url:
         scheme, _, host = options.endpoint_url.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
@@ -50,13 +55,16 @@ def exists(fs: pafs.FileSystem, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(fs: pafs.FileSystem, path: str) -> list[str]:
-    """Every file under `path`, recursively, sorted; hidden and temporary files (., _) skipped."""
+def list_files(fs: pafs.FileSystem, path: str, *, skip: tuple[str, ...] = (".", "_")) -> list[str]:
+    """Every file under `path`, recursively, sorted, less those with a name (of the file or of a folder on
+    the way) that starts with one of `skip`: by default hidden files (".") and our own temporary and
+    bookkeeping files ("_", e.g. OUTPUT/_attempts/). Inputs are listed with skip=() (a camera's
+    `_DSC1234.JPG` is an image)."""
     if not exists(fs, path):
         return []
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sorted(i.path for i in infos if i.type == pafs.FileType.File
-                  and not any(part.startswith((".", "_")) for part in PurePosixPath(i.path[len(path):]).parts))
+                  and not any(part.startswith(skip) for part in PurePosixPath(i.path[len(path):]).parts))
 
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:

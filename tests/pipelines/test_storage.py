@@ -4,10 +4,11 @@ import os
 from pathlib import Path
 
 import boto3
+import pyarrow.fs as pafs
 import pytest
 
 from pipelines.config import S3Options
-from pipelines.storage import download, local_path, upload
+from pipelines.storage import download, list_files, local_path, upload, write_bytes_atomic
 
 
 def test_local_paths_and_hub_ids_are_not_copied(tmp_path):
@@ -19,6 +20,22 @@ def test_local_paths_and_hub_ids_are_not_copied(tmp_path):
     with local_path(str(tmp_path)) as path:
         assert path == str(tmp_path)
     assert list(scratch.iterdir()) == []
+
+
+def test_list_files_skips_our_bookkeeping_unless_asked(tmp_path):
+    fs = pafs.LocalFileSystem()
+    for name in ("a.parquet", "_attempts/x.json", "sub/_DSC1234.JPG", ".DS_Store", ".git/HEAD"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    write_bytes_atomic(fs, str(tmp_path / "sub" / "b.parquet"), b"y")  # its temporary name is gone
+
+    def relative(paths: list[str]) -> list[str]:
+        return [os.path.relpath(p, tmp_path) for p in paths]
+
+    assert relative(list_files(fs, str(tmp_path))) == ["a.parquet", "sub/b.parquet"]
+    assert relative(list_files(fs, str(tmp_path), skip=(".",))) == ["_attempts/x.json", "a.parquet",
+                                                                    "sub/_DSC1234.JPG", "sub/b.parquet"]
+    assert len(list_files(fs, str(tmp_path), skip=())) == 6
 
 
 @pytest.mark.integration
