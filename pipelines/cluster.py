@@ -16,17 +16,25 @@ def connect() -> None:
     ray.init()
 
 
-def scaling(workers: int | None, use_gpu: bool | None):
+# How a stage's workers are placed on the cluster's nodes (TrainStageConfig.placement): packed onto as few nodes
+# as fit them (one 4-GPU node: every worker on it), spread over nodes where resources allow, or strictly one per
+# node (a stage that must span nodes; it waits until that many nodes have room)
+PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}
+
+
+def scaling(workers: int | None, use_gpu: bool | None, *, placement: str = "pack"):
     """A `ScalingConfig`: `use_gpu` None means "when the cluster has GPUs"; `workers` None means 4 with
     GPUs, else 2. CPU workers ask for at most (CPUs - 1) / workers each, so Ray Data's read and
-    preprocessing tasks keep a CPU: workers that take every CPU starve their own input and hang."""
+    preprocessing tasks keep a CPU: workers that take every CPU starve their own input and hang. `placement`:
+    a key of PLACEMENT."""
     from ray.train import ScalingConfig
 
     resources = ray.cluster_resources()
     gpu = use_gpu if use_gpu is not None else resources.get("GPU", 0) > 0
     n = workers or (4 if gpu else 2)
     cpus = 1.0 if gpu else min(1.0, max(0.25, (resources.get("CPU", 1) - 1) / n))
-    return ScalingConfig(num_workers=n, use_gpu=gpu, resources_per_worker={"CPU": cpus})
+    return ScalingConfig(num_workers=n, use_gpu=gpu, resources_per_worker={"CPU": cpus},
+                         placement_strategy=PLACEMENT[placement])
 
 
 def cpu_threads(workers_on_node: int, threads: int | None = None, *, leave: int = 0) -> int:

@@ -145,6 +145,8 @@ class TrainStageConfig(StrictModel):
     use_gpu: bool | None = None  # default: when the cluster has GPUs
     torch_threads: int | None = Field(None, ge=1)  # CPU workers; None: (node's cores - 1) / workers on it
     max_failures: int = Field(2, ge=0)
+    # pack: workers on as few nodes as fit them; spread: over nodes where they fit; strict_spread: one per node
+    placement: Literal["pack", "spread", "strict_spread"] = "pack"
     seed: int = 20090220  # HDM's seed
     tracking: TrackingOptions = TrackingOptions()
     s3: S3Options = S3Options()

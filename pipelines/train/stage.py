@@ -69,7 +69,7 @@ def run_training_stage(config: TrainStageConfig) -> TrainStageSummary:
     result = fit(train_loop, run=run, tracking_uri=tracking_uri, loop_config={
         "config": config.model_dump(mode="json"), "init_from": init_from, "vae": config.vae or manifest["vae"],
         "s3": config.s3.model_dump(mode="json")},
-        scaling_config=scaling(config.workers, config.use_gpu),
+        scaling_config=scaling(config.workers, config.use_gpu, placement=config.placement),
         run_config=RunConfig(name=config.run_name, storage_path=out_root,
                              storage_filesystem=out_fs if config.storage.startswith("s3://") else None,
                              failure_config=FailureConfig(max_failures=config.max_failures),
