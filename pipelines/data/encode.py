@@ -1,5 +1,5 @@
 """The precompute job's VAE encoding of one batch of the stream, without Ray: `EncodeStage`
-(pipelines/data/precompute.py) runs it as a Ray Data actor, benchmarks/gpu_check.py times it on one GPU."""
+(pipelines/data/stages.py) runs it as a Ray Data actor, benchmarks/gpu_check.py times it on one GPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipelines.data.latent_store import OUTPUT_SCHEMA
+from pipelines.data.latent_store import OUTPUT_SCHEMA, ReasonCode
+from pipelines.data.sources import error
+from pipelines.faults import inject
 
 
 class BatchEncoder:
@@ -25,21 +27,43 @@ class BatchEncoder:
         self.vae = LatentVAE.from_pretrained(vae, device=device, chunk_size=batch_size)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out, jobs = [], []
-        for row in batch.to_pylist():
-            if row["kind"] == "error":
-                out.append({**row, "res": row["err_res"]})
-                continue
-            for r, pix, h, w in zip(row["res"], row["pixels"], row["pix_h"], row["pix_w"]):
-                jobs.append((row, r, np.frombuffer(pix, np.uint8).reshape(h, w, 3)))
+        rows = batch.to_pylist()
+        out = [{**r, "res": r["err_res"]} for r in rows if r["kind"] == "error"]
+        out += self.rows([r for r in rows if r["kind"] == "item"])
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+
+    def rows(self, items: list[dict]) -> list[dict]:
+        """Latent rows (OUTPUT_SCHEMA dicts) of every (item, resolution), equal sizes encoded together; an image
+        the VAE fails on even alone is an error row ENCODE_FAILED at that resolution (`encode_or_split`)."""
         by_size: dict[tuple[int, int], list] = {}
-        for job in jobs:
-            by_size.setdefault(job[2].shape[:2], []).append(job)
+        for row in items:
+            for r, pix, h, w in zip(row["res"], row["pixels"], row["pix_h"], row["pix_w"]):
+                by_size.setdefault((h, w), []).append((row, r, np.frombuffer(pix, np.uint8).reshape(h, w, 3)))
+        out = []
         for (h, w), group in by_size.items():
             if self.threads is not None:
                 torch.set_num_threads(self.threads())
-            out.extend(self.encode_group(group, h=h, w=w))
-        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+            out.extend(self.encode_or_split(group, h=h, w=w))
+        return out
+
+    def encode_or_split(self, group: list[tuple[dict, int, np.ndarray]], *, h: int, w: int) -> list[dict]:
+        """`encode_group`; a group that raises (out of memory included) is split in halves and each half tried
+        again, down to single images: one bad image, or a batch too big for the device, costs no other image."""
+        try:
+            keys = [row["key"] for row, _, _ in group]
+            inject("encode.kill", keys)
+            inject("encode.oom", keys)
+            return self.encode_group(group, h=h, w=w)
+        except Exception as e:  # noqa: BLE001 - torch.OutOfMemoryError is an Exception too
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            if len(group) == 1:
+                row, r, _ = group[0]
+                err = error(row["key"], row["source"], stage="encode", code=ReasonCode.ENCODE_FAILED,
+                            detail=f"{type(e).__name__}: {e}", res=r)
+                return [{**err, "res": r}]
+            half = len(group) // 2
+            return self.encode_or_split(group[:half], h=h, w=w) + self.encode_or_split(group[half:], h=h, w=w)
 
     def encode_group(self, group: list[tuple[dict, int, np.ndarray]], *, h: int, w: int) -> list[dict]:
         """The latent rows of (row, resolution, HxWx3 uint8 pixels) jobs of one image size."""

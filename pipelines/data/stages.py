@@ -18,9 +18,11 @@ import ray
 from ray.data.block import BlockAccessor
 
 from pipelines.cluster import CoreShare, cpu_threads
+from pipelines.data.attempts import JournalSpec, guarded
 from pipelines.data.images import ImageError, TransformSpec, decode_image, resize_for_resolution, thumbnail
-from pipelines.data.latent_store import LatentWriter
+from pipelines.data.latent_store import LatentWriter, ReasonCode
 from pipelines.data.sources import Unit, error, read_unit
+from pipelines.faults import inject
 
 STREAM_SCHEMA = pa.schema([
     ("kind", pa.string()), ("key", pa.string()), ("source", pa.string()), ("data", pa.binary()),
@@ -58,19 +60,35 @@ class PrepareStage:
     spec: TransformSpec
     max_pixels: int
     want_thumbnail: bool
+    journal: JournalSpec | None = None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = []
-        for row in batch.to_pylist():
-            out.extend(self.prepare(row) if row["kind"] == "item" else [row])
+        rows = batch.to_pylist()
+        items = [r for r in rows if r["kind"] == "item"]
+        out = [r for r in rows if r["kind"] != "item"]
+        out += guarded(self.journal, "prepare", items, self._prepare_all, crashed=_crashed("prepare"))
         return _table(out, STREAM_SCHEMA)
 
+    def _prepare_all(self, items: list[dict]) -> list[dict]:
+        return [out for row in items for out in self.prepare(row)]
+
     def prepare(self, row: dict) -> list[dict]:
+        """Decoded and resized pixels of one item at each resolution it needs; error rows for what fails
+        (any error after decode too: a transform that raises costs this image, never the job)."""
+        inject("prepare.kill", [row["key"]])
         data, row = row["data"], {**row, "data": None}
         try:
             img = decode_image(data, max_pixels=self.max_pixels)
         except ImageError as e:
             return [error(row["key"], row["source"], stage="decode", code=e.code, detail=e.detail)]
+        try:
+            inject("prepare.raise", [row["key"]])
+            return self._resize(row, img, data)
+        except Exception as e:  # noqa: BLE001 - EXIF, mode or resize trouble: this image only
+            return [error(row["key"], row["source"], stage="resize", code=ReasonCode.TRANSFORM_FAILED,
+                          detail=f"{type(e).__name__}: {e}")]
+
+    def _resize(self, row: dict, img, data: bytes) -> list[dict]:
         errors, res, pixels, hs, ws = [], [], [], [], []
         for r in row["todo"]:
             try:
@@ -81,15 +99,27 @@ class PrepareStage:
             res.append(r), pixels.append(arr.tobytes()), hs.append(arr.shape[0]), ws.append(arr.shape[1])
         if not res:
             return errors
-        row.update(sha256=hashlib.sha256(data).hexdigest(), width=img.width, height=img.height, res=res,
-                   pixels=pixels, pix_h=hs, pix_w=ws, thumb=thumbnail(img) if self.want_thumbnail else None)
+        row.update(sha256=row.get("sha256") or hashlib.sha256(data).hexdigest(), width=img.width,
+                   height=img.height, res=res, pixels=pixels, pix_h=hs, pix_w=ws,
+                   thumb=thumbnail(img) if self.want_thumbnail else None)
         return [row, *errors]
 
 
-class CaptionStage:
-    """Actor: generates captions from thumbnails and merges them with the input's."""
+def _crashed(stage: str, *, encoded: bool = False):
+    """The error row of an item that killed its `stage` worker on every attempt (attempts.guarded); `encoded`:
+    as the encoder emits it (OUTPUT_SCHEMA's `res`)."""
+    def row_of(row: dict, detail: str) -> dict:
+        err = error(row["key"], row["source"], stage=stage, code=ReasonCode.WORKER_CRASHED, detail=detail)
+        return {**err, "res": err["err_res"]} if encoded else err
+    return row_of
 
-    def __init__(self, model: str, policy: str, max_new_tokens: int, use_gpu: bool):
+
+class CaptionStage:
+    """Actor: generates captions from thumbnails and merges them with the input's. A batch the captioner fails
+    on is captioned image by image; an image that fails alone is an error row CAPTION_FAILED."""
+
+    def __init__(self, model: str, policy: str, max_new_tokens: int, use_gpu: bool, *,
+                 journal: JournalSpec | None = None):
         import io
 
         from PIL import Image
@@ -97,27 +127,44 @@ class CaptionStage:
         from pipelines.data.captioning import Captioner, merge_caption
 
         self._open = lambda b: Image.open(io.BytesIO(b)).convert("RGB")
-        self._merge, self.policy = merge_caption, policy
+        self._merge, self.policy, self.journal = merge_caption, policy, journal
         self.captioner = Captioner(model, device="cuda" if use_gpu else "cpu", max_new_tokens=max_new_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
+        out = [r for r in rows if r["kind"] != "item"]
         items = [r for r in rows if r["kind"] == "item"]
-        if items:
-            generated = self.captioner([self._open(r["thumb"]) for r in items])
-            for row, text in zip(items, generated):
-                appended = self.policy == "append" and bool(row["caption"].strip())
-                row["caption"] = self._merge(row["caption"], text, self.policy)
-                row["caption_source"] = f"{row['caption_source']}+model" if appended else "model"
-                row["thumb"] = None
-        return _table(rows, STREAM_SCHEMA)
+        out += guarded(self.journal, "caption", items, self._caption_or_split, crashed=_crashed("caption"))
+        return _table(out, STREAM_SCHEMA)
+
+    def _caption_or_split(self, items: list[dict]) -> list[dict]:
+        try:
+            return self._caption(items)
+        except Exception as e:  # noqa: BLE001 - find the image it fails on; the others keep their captions
+            if len(items) == 1:
+                return [error(items[0]["key"], items[0]["source"], stage="caption", code=ReasonCode.CAPTION_FAILED,
+                              detail=f"{type(e).__name__}: {e}")]
+            return [out for row in items for out in self._caption_or_split([row])]
+
+    def _caption(self, items: list[dict]) -> list[dict]:
+        keys = [r["key"] for r in items]
+        inject("caption.kill", keys)
+        inject("caption.raise", keys)
+        generated = self.captioner([self._open(r["thumb"]) for r in items])
+        done = []
+        for row, text in zip(items, generated):
+            appended = self.policy == "append" and bool(row["caption"].strip())
+            done.append({**row, "caption": self._merge(row["caption"], text, self.policy),
+                         "caption_source": f"{row['caption_source']}+model" if appended else "model", "thumb": None})
+        return done
 
 
 class EncodeStage:
     """Actor: VAE-encodes every (item, resolution) of a batch, images of equal size together
     (pipelines/data/encode.py, which runs without Ray)."""
 
-    def __init__(self, vae: str, use_gpu: bool, threads: int | None, actors: int, batch_size: int, store_std: bool):
+    def __init__(self, vae: str, use_gpu: bool, threads: int | None, actors: int, batch_size: int, store_std: bool,
+                 *, journal: JournalSpec | None = None):
         import torch
 
         from pipelines.data.encode import BatchEncoder
@@ -130,9 +177,16 @@ class EncodeStage:
             share = CoreShare(torch.get_num_threads()) if threads is None else None
         self.encode = BatchEncoder(vae, device="cuda" if use_gpu else "cpu", batch_size=batch_size,
                                    store_std=store_std, threads=share.update if share else None)
+        self.journal = journal
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.encode(batch)
+        from pipelines.data.latent_store import OUTPUT_SCHEMA
+
+        rows = batch.to_pylist()
+        out = [{**r, "res": r["err_res"]} for r in rows if r["kind"] == "error"]
+        items = [r for r in rows if r["kind"] == "item"]
+        out += guarded(self.journal, "encode", items, self.encode.rows, crashed=_crashed("encode", encoded=True))
+        return pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
 
 
 class LatentDatasink(ray.data.Datasink):

@@ -1,0 +1,89 @@
+"""Inputs that kill their worker: found out and turned into error rows, in a bounded number of retries.
+
+Ray Data retries a task whose worker process died forever by default (tasks: max_retries=-1; actor pools:
+max_restarts=-1, max_task_retries=-1), so one image that crashes its decoder, or takes the worker's memory,
+would hang the job. The stages therefore keep a journal under OUTPUT/_attempts/ (hidden from readers):
+
+- a batch is marked before it is processed and unmarked after;
+- a batch found marked was being processed when its worker died: this attempt processes its items one at a
+  time, each marked with the number of attempts it has started;
+- an item found marked `max_attempts` times is not processed again: it becomes an error row WORKER_CRASHED.
+
+A batch with k such items then costs at most 1 + k * max_attempts worker deaths; `ray_retry_args` bounds
+Ray's own retries by that (for up to MAX_KILLERS_PER_BATCH such items a batch), so nothing retries forever.
+The job clears the journal when it starts (it holds the output's lease: no other job uses it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.storage import exists, join, read_bytes, write_bytes_atomic
+
+JOURNAL_DIR = "_attempts"
+MAX_KILLERS_PER_BATCH = 4  # worker-killing inputs one batch can hold before Ray's retries run out
+
+
+@dataclass(frozen=True)
+class JournalSpec:
+    """Where a job's stages keep their journal (picklable: Ray ships it to every task and actor)."""
+
+    fs: Any
+    root: str  # the job's output
+    max_attempts: int = 2
+
+
+def ray_retry_args(max_attempts: int, *, actor: bool) -> dict[str, int]:
+    """map_batches' ray_remote_args that bound Ray's retries of a stage's tasks (enough for the journal to
+    isolate MAX_KILLERS_PER_BATCH worker-killing inputs of a batch). An actor may restart any number of times
+    (each restart serves other batches too); each of its tasks is retried a bounded number of times."""
+    retries = 1 + max_attempts * MAX_KILLERS_PER_BATCH
+    return {"max_task_retries": retries} if actor else {"max_retries": retries}
+
+
+def clear(spec: JournalSpec) -> None:
+    """Forget every mark (at the start of a job, which holds the output's lease)."""
+    path = join(spec.root, JOURNAL_DIR)
+    if exists(spec.fs, path):
+        spec.fs.delete_dir(path)
+
+
+def guarded(spec: JournalSpec | None, stage: str, items: list[dict],
+            process: Callable[[list[dict]], list[dict]], *, crashed: Callable[[dict, str], dict]) -> list[dict]:
+    """`process(items)`, journalled: after a crash of this batch, item by item, and `crashed(item, detail)` (an
+    error row) for an item that killed its worker `max_attempts` times. Without a journal: `process(items)`."""
+    if spec is None or not items:
+        return process(items)
+    batch = _mark_path(spec, stage, "batch", "\n".join(sorted(i["key"] for i in items)))
+    if not exists(spec.fs, batch):
+        write_bytes_atomic(spec.fs, batch, b"1")
+        out = process(items)
+        spec.fs.delete_file(batch)
+        return out
+    out = []
+    for item in items:  # a previous attempt of this batch died: find the item that kills it
+        out.extend(_one(spec, stage, item, process, crashed))
+    spec.fs.delete_file(batch)
+    return out
+
+
+def _one(spec: JournalSpec, stage: str, item: dict, process: Callable[[list[dict]], list[dict]],
+         crashed: Callable[[dict, str], dict]) -> list[dict]:
+    mark = _mark_path(spec, stage, "item", item["key"])
+    started = int(read_bytes(spec.fs, mark)) if exists(spec.fs, mark) else 0
+    if started >= spec.max_attempts:
+        spec.fs.delete_file(mark)
+        return [crashed(item, f"its {stage} worker died on each of {started} attempts")]
+    write_bytes_atomic(spec.fs, mark, str(started + 1).encode())
+    out = process([item])
+    spec.fs.delete_file(mark)
+    return out
+
+
+def _mark_path(spec: JournalSpec, stage: str, kind: str, text: str) -> str:
+    digest = hashlib.sha256(f"{stage}\n{text}".encode()).hexdigest()[:24]
+    return join(spec.root, JOURNAL_DIR, f"{stage}-{kind}-{digest}")
+
