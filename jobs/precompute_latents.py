@@ -46,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
     ap.add_argument("--caption-policy", choices=["replace", "append"])
     ap.add_argument("--caption-actors", type=int)
     ap.add_argument("--caption-gpus", type=float, help="GPUs per caption actor")
+    ap.add_argument("--lease-ttl", type=float, dest="lease_ttl_s",
+                    help="seconds after which a dead job's lease on the output is taken over (default 60)")
+    ap.add_argument("--allow-code-change", action="store_const", const=True,
+                    help="resume an output whose latents were made by another version of the latent code")
+    ap.add_argument("--allow-input-change", action="store_const", const=True,
+                    help="resume an output made from another input root")
     add_shared_flags(ap, tracking=False)
     return config_from_flags(PrecomputeConfig, vars(ap.parse_args(argv)), {
         "caption_mode": "caption.mode", "caption_model": "caption.model", "caption_policy": "caption.policy",

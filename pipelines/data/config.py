@@ -44,6 +44,9 @@ class PrecomputeConfig(StrictModel):
     threads_per_encoder: int | None = Field(None, ge=1)  # torch threads on CPU; None: the idle cores (CoreShare)
     rows_per_file: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1)  # process at most this many inputs (after resume filtering)
+    lease_ttl_s: float = Field(60.0, gt=0)  # the output's lease expires this long after its holder stops renewing
+    allow_code_change: bool = False  # resume an output made by other latent code (manifest code_sha256)
+    allow_input_change: bool = False  # resume an output made from another input root (manifest input)
     caption: CaptionOptions = CaptionOptions()
     s3: S3Options = S3Options()
 

@@ -1,7 +1,7 @@
 """Latent precompute as a Ray Data job: read -> decode/validate/resize -> [caption] -> VAE encode -> write.
 
-The stages are in pipelines/data/stages.py; here the job that wires them: resume by key, the manifest, the
-summary.
+The stages are in pipelines/data/stages.py; here the job that wires them: the output's lease (one writer),
+resume by key and source sha256, the manifest and its guards, the finishing dedupe pass, the summary.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import ray
 
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.images import TransformSpec
+from pipelines.data.dedupe import dedupe
 from pipelines.data.latent_store import (ManifestMismatch, build_manifest, check_manifest, count_rows, done_keys,
-                                         read_manifest, write_manifest)
+                                         read_manifest, vae_weights_digest, write_manifest)
 from pipelines.data.sources import Unit, list_units
 from pipelines.data.stages import CaptionStage, EncodeStage, LatentDatasink, PrepareStage, ReadStage
+from pipelines.lease import Lease, default_holder
 from pipelines.storage import resolve
 
 # ---------------------------------------------------------------------------------------------------
@@ -33,6 +35,9 @@ class PrecomputeSummary:
     errors: dict[str, int] = field(default_factory=dict)  # by reason_code, this run
     seconds: float = 0.0
     totals: dict[str, Any] = field(default_factory=dict)  # the whole output, as in the manifest
+    recomputed: int = 0  # keys encoded again because their source bytes changed (stored sha256 differs)
+    duplicates_removed: int = 0  # rows the finishing pass removed (dedupe): retried writes, replaced latents
+    hidden_skipped: int = 0  # input files not read: their name, or a folder's, starts with "."
 
     def images_per_second(self) -> float:
         return max(self.rows.values(), default=0) / self.seconds if self.seconds else 0.0
@@ -42,49 +47,93 @@ class PrecomputeSummary:
                  f"{self.images_per_second():.2f} images/s",
                  "  rows written this run: " + (", ".join(f"res={r}: {n}" for r, n in sorted(self.rows.items())) or "none"),
                  "  errors this run: " + (", ".join(f"{k}: {v}" for k, v in sorted(self.errors.items())) or "none"),
+                 f"  recomputed (source changed): {self.recomputed}, duplicates removed: {self.duplicates_removed}, "
+                 f"hidden files skipped: {self.hidden_skipped}",
                  f"  dataset totals: rows {self.totals.get('rows')}, errors {self.totals.get('errors', 0)}"]
         return "\n".join(lines)
 
+    def last_run(self) -> dict[str, int]:
+        """What the manifest records of this run besides the totals."""
+        return {"recomputed_source_changed": self.recomputed, "duplicates_removed": self.duplicates_removed,
+                "hidden_files_skipped": self.hidden_skipped}
+
 
 def run_precompute(config: PrecomputeConfig) -> PrecomputeSummary:
-    """Run the job on the Ray cluster this process is connected to (ray.init() is the caller's)."""
+    """Run the job on the Ray cluster this process is connected to (ray.init() is the caller's). The output's
+    lease is held from before anything is written until the end (LeaseHeld: another job writes there)."""
+    start = time.perf_counter()
+    out_fs, out_root = resolve(config.output, config.s3)
+    with Lease.acquire(out_fs, out_root, holder=default_holder(), ttl_s=config.lease_ttl_s) as lease:
+        summary = _precompute(config, out_fs, out_root, lease)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _precompute(config: PrecomputeConfig, out_fs, out_root: str, lease: Lease) -> PrecomputeSummary:
+    in_fs, in_root = resolve(config.input, config.s3)
+    spec = TransformSpec(max_aspect=config.max_aspect)
+    manifest = _checked_manifest(config, spec, out_fs, out_root, input_uri=_uri(config.input, in_root))
+    listing = list_units(in_fs, in_root, config.input_format)
+    if listing.hidden:
+        print(f'precompute: {listing.hidden} hidden files skipped (names starting with ".")', flush=True)
+    write_manifest(out_fs, out_root, {**manifest, "status": "running"})
+    done = done_keys(out_fs, out_root, config.resolutions)
+    units = listing.units
+    if listing.format == "folder":  # keys are known before reading: skip inputs that failed at every resolution
+        # (a key with a latent is read again: its bytes may have changed since, ReadStage compares the sha256)
+        units = [u for u in units if not all(done[r].get(u.key, "") is None for r in config.resolutions)]
+    print(f"precompute: {len(units)} {listing.format} units to read from {config.input}; "
+          f"already done: " + ", ".join(f"res={r}: {len(k)}" for r, k in done.items()), flush=True)
+
+    summary = PrecomputeSummary(output=config.output, inputs_listed=len(units), hidden_skipped=listing.hidden)
+    if units:
+        sink = LatentDatasink(out_fs, out_root, config.rows_per_file)
+        _build_dataset(config, in_fs, units, listing.format, done, spec).write_datasink(
+            sink, ray_remote_args={"num_cpus": 0.5})
+        summary.rows = {int(r): n for r, n in sink.stats["rows"].items()}
+        summary.errors = dict(sink.stats["errors"])
+
+    lease.check()  # never finish an output another job took over
+    summary.duplicates_removed = dedupe(out_fs, out_root, manifest["resolutions"])
+    summary.recomputed = _changed(done, done_keys(out_fs, out_root, config.resolutions))
+    summary.totals = count_rows(out_fs, out_root, manifest["resolutions"])
+    lease.check()
+    write_manifest(out_fs, out_root, {**manifest, **summary.totals, "last_run": summary.last_run(),
+                                      "status": "complete"})
+    return summary
+
+
+def _checked_manifest(config: PrecomputeConfig, spec: TransformSpec, out_fs, out_root: str, *,
+                      input_uri: str) -> dict[str, Any]:
+    """This run's manifest, checked against the stored one (ManifestMismatch: latents made differently)."""
     from diffusers import AutoencoderKL
 
     from hdm_model.vae import latent_stats
-
-    start = time.perf_counter()
-    in_fs, in_root = resolve(config.input, config.s3)
-    out_fs, out_root = resolve(config.output, config.s3)
-    spec = TransformSpec(max_aspect=config.max_aspect)
 
     vae_config = AutoencoderKL.load_config(config.vae)
     mean, std = latent_stats(vae_config)
     manifest = build_manifest(vae=config.vae, vae_config=vae_config, latent_mean=mean.tolist(),
                               latent_std=std.tolist(), transform=spec.to_dict(), resolutions=config.resolutions,
-                              store_std=config.store_std)
+                              store_std=config.store_std, vae_weights_sha256=vae_weights_digest(config.vae),
+                              input=input_uri)
     existing = read_manifest(out_fs, out_root)
     if existing is not None:
-        check_manifest(existing, manifest)
+        for note in check_manifest(existing, manifest, allow_code_change=config.allow_code_change,
+                                   allow_input_change=config.allow_input_change):
+            print(f"precompute: {note}", flush=True)
         manifest["resolutions"] = sorted(set(existing["resolutions"]) | set(config.resolutions))
-    fmt, units = list_units(in_fs, in_root, config.input_format)
-    write_manifest(out_fs, out_root, {**manifest, "status": "running"})
-    done = done_keys(out_fs, out_root, config.resolutions)
-    if fmt == "folder":  # keys are known before reading: skip finished files without touching them
-        units = [u for u in units if any(u.key not in done[r] for r in config.resolutions)]
-    print(f"precompute: {len(units)} {fmt} units to read from {config.input}; "
-          f"already done: " + ", ".join(f"res={r}: {len(k)}" for r, k in done.items()), flush=True)
+    return manifest
 
-    summary = PrecomputeSummary(output=config.output, inputs_listed=len(units))
-    if units:
-        sink = LatentDatasink(out_fs, out_root, config.rows_per_file)
-        _build_dataset(config, in_fs, units, fmt, done, spec).write_datasink(sink, ray_remote_args={"num_cpus": 0.5})
-        summary.rows = {int(r): n for r, n in sink.stats["rows"].items()}
-        summary.errors = dict(sink.stats["errors"])
 
-    summary.totals = count_rows(out_fs, out_root, manifest["resolutions"])
-    write_manifest(out_fs, out_root, {**manifest, **summary.totals, "status": "complete"})
-    summary.seconds = time.perf_counter() - start
-    return summary
+def _uri(uri: str, root: str) -> str:
+    """The input as the manifest records it: s3://bucket/prefix, or the absolute local path."""
+    return f"s3://{root}" if uri.startswith("s3://") else root
+
+
+def _changed(before: dict[int, dict[str, str | None]], after: dict[int, dict[str, str | None]]) -> int:
+    """Keys whose latent was made from other source bytes than before this run (recomputed)."""
+    return len({key for res, keys in before.items() for key, sha in keys.items()
+                if sha is not None and after[res].get(key) != sha})
 
 
 # CPU encoders: torch's allocator takes 2 MiB-aligned transparent huge pages for large tensors. A VAE encode

@@ -40,19 +40,32 @@ def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 @dataclass
 class ReadStage:
+    """Task: the rows of a batch of units, each item with the sha256 of its bytes and the resolutions it still
+    needs (`todo`); a row needing none is dropped."""
+
     fs: Any
     resolutions: list[int]
-    done: Any  # ObjectRef of {res: set(keys)}
+    done: Any  # {res: {key: sha256 its latent row was made from, or None: an error row}} (latent_store.done_keys)
 
     def __call__(self, units: pa.Table) -> pa.Table:
         done = ray.get(self.done) if isinstance(self.done, ray.ObjectRef) else self.done
         rows = []
         for unit in units.to_pylist():
             for row in read_unit(self.fs, Unit(**unit)):
-                todo = [r for r in self.resolutions if row["key"] not in done[r]]
+                if row["kind"] == "item":
+                    row["sha256"] = hashlib.sha256(row["data"]).hexdigest()
+                todo = [r for r in self.resolutions if _needed(done[r], row["key"], row.get("sha256"))]
                 if todo:
                     rows.append({**row, "todo": todo})
         return _table(rows, STREAM_SCHEMA)
+
+
+def _needed(done: dict[str, str | None], key: str, sha256: str | None) -> bool:
+    """Whether `key` is still to do at a resolution: it has no row there yet, or its latent was made from other
+    bytes than these (an error row stays done: the input failed, it is not retried)."""
+    if key not in done:
+        return True
+    return sha256 is not None and done[key] is not None and done[key] != sha256
 
 
 @dataclass
@@ -75,20 +88,20 @@ class PrepareStage:
     def prepare(self, row: dict) -> list[dict]:
         """Decoded and resized pixels of one item at each resolution it needs; error rows for what fails
         (any error after decode too: a transform that raises costs this image, never the job)."""
-        inject("prepare.kill", [row["key"]])
         data, row = row["data"], {**row, "data": None}
         try:
             img = decode_image(data, max_pixels=self.max_pixels)
         except ImageError as e:
             return [error(row["key"], row["source"], stage="decode", code=e.code, detail=e.detail)]
+        inject("prepare.kill", [row["key"]])  # a worker that dies on an image: the crash journal's case
         try:
             inject("prepare.raise", [row["key"]])
-            return self._resize(row, img, data)
+            return self._resize(row, img)
         except Exception as e:  # noqa: BLE001 - EXIF, mode or resize trouble: this image only
             return [error(row["key"], row["source"], stage="resize", code=ReasonCode.TRANSFORM_FAILED,
                           detail=f"{type(e).__name__}: {e}")]
 
-    def _resize(self, row: dict, img, data: bytes) -> list[dict]:
+    def _resize(self, row: dict, img) -> list[dict]:
         errors, res, pixels, hs, ws = [], [], [], [], []
         for r in row["todo"]:
             try:
@@ -99,19 +112,20 @@ class PrepareStage:
             res.append(r), pixels.append(arr.tobytes()), hs.append(arr.shape[0]), ws.append(arr.shape[1])
         if not res:
             return errors
-        row.update(sha256=row.get("sha256") or hashlib.sha256(data).hexdigest(), width=img.width,
-                   height=img.height, res=res, pixels=pixels, pix_h=hs, pix_w=ws,
+        row.update(width=img.width, height=img.height, res=res, pixels=pixels, pix_h=hs, pix_w=ws,
                    thumb=thumbnail(img) if self.want_thumbnail else None)
         return [row, *errors]
 
 
 def _crashed(stage: str, *, encoded: bool = False):
-    """The error row of an item that killed its `stage` worker on every attempt (attempts.guarded); `encoded`:
-    as the encoder emits it (OUTPUT_SCHEMA's `res`)."""
-    def row_of(row: dict, detail: str) -> dict:
-        err = error(row["key"], row["source"], stage=stage, code=ReasonCode.WORKER_CRASHED, detail=detail)
-        return {**err, "res": err["err_res"]} if encoded else err
-    return row_of
+    """The error rows of an item that killed its `stage` worker on every attempt (attempts.guarded); `encoded`:
+    as the encoder emits them (OUTPUT_SCHEMA's `res`), one for each resolution the item was to be encoded at."""
+    def rows_of(row: dict, detail: str) -> list[dict]:
+        if not encoded:
+            return [error(row["key"], row["source"], stage=stage, code=ReasonCode.WORKER_CRASHED, detail=detail)]
+        return [{**error(row["key"], row["source"], stage=stage, code=ReasonCode.WORKER_CRASHED, detail=detail,
+                         res=r), "res": r} for r in row["res"]]
+    return rows_of
 
 
 class CaptionStage:
@@ -141,6 +155,7 @@ class CaptionStage:
         try:
             return self._caption(items)
         except Exception as e:  # noqa: BLE001 - find the image it fails on; the others keep their captions
+            self.captioner.free_cache()
             if len(items) == 1:
                 return [error(items[0]["key"], items[0]["source"], stage="caption", code=ReasonCode.CAPTION_FAILED,
                               detail=f"{type(e).__name__}: {e}")]

@@ -126,6 +126,7 @@ def train_loop(loop_config: dict) -> None:
         job.run.log_metrics(results, step=step)
         job.run.log_params({"latents_mean": mean, "latents_std": std})
         job.save(mean=mean, std=std, output=loop_config["output"], s3=S3Options.model_validate(loop_config["s3"]))
+    job.run.close()  # the buffered metrics sent (waits out an MLflow outage, up to its patience)
     metrics = {**results, "step": step, "latents_mean": mean, "latents_std": std}
     # Ray Train keeps the metrics of reports with a checkpoint: rank 0 writes one holding just the metrics
     worker.report(metrics, write=lambda directory: (directory / "metrics.json").write_text(json.dumps(metrics)))
@@ -278,17 +279,18 @@ def run_vae_training(config: VAETrainConfig) -> VAETrainSummary:
     train_ds, eval_images = _images(config, error_log)
     run = StageRun.for_job(config.tracking, default_key=f"train-vae:{config.output}", default_name="train-vae",
                            tags={STAGE_TAG: STAGE_VAE, INPUT_TAG: config.input})
-    run.log_params(config.model_dump(mode="json"))
-    result = fit(train_loop, run=run, tracking_uri=config.tracking.resolved_uri(), loop_config={
-        "config": config.model_dump(mode="json"), "eval": eval_images, "output": config.output,
-        "s3": config.s3.model_dump(mode="json")},
-        scaling_config=scaling(config.workers, config.use_gpu),
-        run_config=RunConfig(name="train-vae", storage_path=tempfile.mkdtemp(prefix="hdm-vae-")),
-        datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))
-    summary = VAETrainSummary(output=config.output, metrics=dict(result.metrics),
-                              errors=ray.get(error_log.counts.remote()), run_id=run.run_id)
-    run.log_metrics({f"input_errors/{k}": v for k, v in summary.errors.items()}, step=0)
-    run.set_tags({VAE_OUTPUT_TAG: config.output})
+    with run.ending_on_error():  # FAILED on an error, KILLED when the job is stopped: never left RUNNING
+        run.log_params(config.model_dump(mode="json"))
+        result = fit(train_loop, run=run, tracking_uri=config.tracking.resolved_uri(), loop_config={
+            "config": config.model_dump(mode="json"), "eval": eval_images, "output": config.output,
+            "s3": config.s3.model_dump(mode="json")},
+            scaling_config=scaling(config.workers, config.use_gpu),
+            run_config=RunConfig(name="train-vae", storage_path=tempfile.mkdtemp(prefix="hdm-vae-")),
+            datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"]))
+        summary = VAETrainSummary(output=config.output, metrics=dict(result.metrics),
+                                  errors=ray.get(error_log.counts.remote()), run_id=run.run_id)
+        run.log_metrics({f"input_errors/{k}": v for k, v in summary.errors.items()}, step=0)
+        run.set_tags({VAE_OUTPUT_TAG: config.output})
     run.finish()
     return summary
 
@@ -302,7 +304,7 @@ def _images(config: VAETrainConfig, error_log) -> tuple[ray.data.Dataset, np.nda
         raise FileNotFoundError(f"no images under {config.input}")
     size = config.image_size or config.crop_size
     ds = ray.data.from_items([u.__dict__ for u in units])
-    ds = ds.map_batches(ReadStage(fs, [size], {size: set()}), batch_format="pyarrow", batch_size=8, num_cpus=0.5)
+    ds = ds.map_batches(ReadStage(fs, [size], {size: {}}), batch_format="pyarrow", batch_size=8, num_cpus=0.5)
     ds = ds.map_batches(PrepareStage(TransformSpec(max_aspect=4.0), config.max_pixels, want_thumbnail=False),
                         batch_format="pyarrow", batch_size=4, num_cpus=0.5)
     ds = ds.map_batches(KeepImages(error_log), batch_format="pyarrow", batch_size=16, num_cpus=0.5)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.data.latent_store import (OUTPUT_SCHEMA, LatentWriter, ManifestMismatch, ReasonCode, check_manifest,
-                                         count_rows, done_keys, reason_text)
+                                         code_digest, count_rows, done_keys, reason_text, vae_weights_digest)
 from pipelines.data.sources import Unit, list_units, read_unit
 
 FS = pafs.LocalFileSystem()
@@ -34,7 +34,7 @@ def test_writer_splits_by_resolution_and_done_keys_include_errors(tmp_path):
     assert stats["errors"] == {"not_an_image": 1, "too_small": 1}  # by reason_code
     assert sorted(p.name for p in tmp_path.iterdir()) == ["errors", "res=256", "res=512"]
     done = done_keys(FS, root, [256, 512, 768])
-    assert done == {256: {"a", "b", "c"}, 512: {"a", "b", "c"}, 768: {"c"}}
+    assert done == {256: {"a": None, "b": None, "c": None}, 512: {"a": None, "b": None, "c": None}, 768: {"c": None}}
     assert count_rows(FS, root, [256, 512]) == {"rows": {"256": 2, "512": 1}, "errors": 2,
                                                "errors_by_reason": {"not_an_image": 1, "too_small": 1}}
     assert not any(p.name.startswith(".tmp") for p in tmp_path.rglob("*"))  # atomic writes leave nothing
@@ -53,7 +53,8 @@ def test_errors_written_before_reason_code_are_read_by_their_reason(tmp_path):
     ], schema=old_schema), tmp_path / "errors" / "part-old.parquet")
     LatentWriter(FS, str(tmp_path)).write(_rows(("latent", "d", 32, None), ("error", "e", None, "not_an_image"),
                                                 ("error", "f", 64, "too_small", "short side 40 px < 64")))
-    assert done_keys(FS, str(tmp_path), [32, 64]) == {32: {"a", "c", "d", "e"}, 64: {"a", "b", "c", "e", "f"}}
+    done = done_keys(FS, str(tmp_path), [32, 64])
+    assert {r: set(keys) for r, keys in done.items()} == {32: {"a", "c", "d", "e"}, 64: {"a", "b", "c", "e", "f"}}
     assert count_rows(FS, str(tmp_path), [32, 64]) == {
         "rows": {"32": 1, "64": 0}, "errors": 5,
         "errors_by_reason": {ReasonCode.CORRUPT_IMAGE: 1, "failed_to_download": 1, ReasonCode.NOT_AN_IMAGE: 1,
@@ -69,6 +70,53 @@ def test_manifest_mismatch_lists_every_difference():
     assert "vae_config_sha256" in str(info.value) and "transform" in str(info.value)
 
 
+GUARDS = {"vae_weights_sha256": "w1", "input": "/data/a", "code_sha256": "c1"}
+
+
+def test_manifest_guards_weights_input_and_code():
+    stored = {"vae": "a", "vae_config_sha256": "1", "latent_mean": [0], "latent_std": [1], "transform": {},
+              "store_std": True, **GUARDS}
+    assert check_manifest(stored, dict(stored)) == []
+    with pytest.raises(ManifestMismatch, match="vae_weights_sha256: stored 'w1', now 'w2'"):
+        check_manifest(stored, {**stored, "vae_weights_sha256": "w2"}, allow_code_change=True, allow_input_change=True)
+    with pytest.raises(ManifestMismatch, match=r"input: stored '/data/a', now '/data/b' \(or pass --allow-input-change"):
+        check_manifest(stored, {**stored, "input": "/data/b"})
+    with pytest.raises(ManifestMismatch, match="code_sha256.*--allow-code-change"):
+        check_manifest(stored, {**stored, "code_sha256": "c2"}, allow_input_change=True)
+    notes = check_manifest(stored, {**stored, "code_sha256": "c2", "input": "/data/b"}, allow_code_change=True,
+                           allow_input_change=True)
+    assert len(notes) == 2 and "code_sha256 changed (allow_code_change)" in notes[1]
+    # a manifest written before the guards: resumable, each guard recorded now with a note
+    old = {k: v for k, v in stored.items() if k not in GUARDS}
+    notes = check_manifest(old, dict(stored))
+    assert [n.split(":")[0] for n in notes] == [f"the stored manifest has no {f}" for f in GUARDS]
+    # hub weights not on this machine: not compared, the stored digest kept
+    new = {**stored, "vae_weights_sha256": None}
+    assert "not checked" in check_manifest(stored, new)[0] and new["vae_weights_sha256"] == "w1"
+
+
+def test_weights_and_code_digests(tmp_path):
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text("{}")
+    assert vae_weights_digest(str(tmp_path / "vae")) is None  # no weight files
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights 1")
+    first = vae_weights_digest(str(tmp_path / "vae"))
+    (tmp_path / "vae" / "config.json").write_text('{"a": 1}')  # not a weight file
+    assert vae_weights_digest(str(tmp_path / "vae")) == first
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights 2")
+    assert vae_weights_digest(str(tmp_path / "vae")) not in (first, None)
+    assert vae_weights_digest("nobody/not-in-the-hub-cache") is None  # offline, nothing downloaded
+    assert len(code_digest()) == 64 and code_digest() == code_digest()
+
+
+def test_done_keys_carry_the_source_sha256(tmp_path):
+    table = _rows(("latent", "a", 32, None), ("latent", "b", 32, None), ("error", "b", 64, "too_small"))
+    table = table.set_column(table.schema.get_field_index("sha256"), "sha256",
+                             pa.array(["sa", "", None], pa.string()))
+    LatentWriter(FS, str(tmp_path)).write(table)
+    assert done_keys(FS, str(tmp_path), [32, 64]) == {32: {"a": "sa", "b": None}, 64: {"b": None}}
+
+
 def test_folder_units_with_sidecars_and_nesting(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.jpg").write_bytes(b"x")
@@ -77,10 +125,10 @@ def test_folder_units_with_sidecars_and_nesting(tmp_path):
     (tmp_path / "notes.md").write_text("ignored")
     (tmp_path / ".hidden.jpg").write_bytes(b"z")
     fmt, units = list_units(FS, str(tmp_path))
-    assert fmt == "folder" and [u.key for u in units] == ["a.jpg", "sub/b.PNG"]
+    assert fmt == "folder" and [u.key for u in units] == ["a.jpg", "notes.md", "sub/b.PNG"]
     (row,) = read_unit(FS, units[0])
     assert row["caption"] == "caption a" and row["caption_source"] == "sidecar" and row["data"] == b"x"
-    (row,) = read_unit(FS, units[1])
+    (row,) = read_unit(FS, units[2])
     assert row["caption"] == "" and row["caption_source"] == "none"
 
 

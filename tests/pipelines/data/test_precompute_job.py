@@ -207,12 +207,41 @@ def test_resume_writes_each_key_once(ray_driver, vae_dir, tmp_path):
     assert s1.rows == {SMALL: 3, LARGE: 2} and s1.errors == {"too_small": 1}
     write_folder(tmp_path / "images", all_cases)
     s2 = run_in_process(**fields)
-    assert s2.inputs_listed == 3  # only the new files are read
+    assert s2.inputs_listed == 6  # files with a latent are read again (their sha256 compared), written only if new
     assert s2.rows == {SMALL: 2, LARGE: 2} and s2.errors == {"empty_file": 1}
+    assert (s2.recomputed, s2.duplicates_removed) == (0, 0)
     ok = {res: {c.name for c in all_cases if c.expected[res] is None} for res in RES}
     check_counts(pafs.LocalFileSystem(), str(tmp_path / "latents"), ok, len(all_cases))
     s3 = run_in_process(**fields)
-    assert s3.inputs_listed == 0 and s3.rows == {}
+    assert s3.inputs_listed == 5 and s3.rows == {}  # empty.jpg failed at every resolution: not read again
+
+
+def test_changed_source_is_recomputed_once(ray_driver, vae_dir, tmp_path):
+    """An image replaced by another picture under the same name: its stored sha256 no longer matches, so its
+    latent is made again and the old row removed; the other keys are not written again."""
+    by_name = {c.name: c for c in cases()}
+    selected = [by_name[n] for n in ("rgb.jpg", "gray.png", "rgba.png")]
+    write_folder(tmp_path / "images", selected)
+    (tmp_path / "images" / ".DS_Store").write_bytes(b"finder")
+    fields = dict(input=str(tmp_path / "images"), output=str(tmp_path / "latents"), resolutions=[SMALL],
+                  vae=str(vae_dir), max_pixels=MAX_PIXELS, batch_size=4)
+    s1 = run_in_process(**fields)
+    assert s1.rows == {SMALL: 3} and s1.hidden_skipped == 1
+    fs, root = pafs.LocalFileSystem(), str(tmp_path / "latents" / f"res={SMALL}")
+    before = {r["key"]: r for r in read_parts(fs, root)}
+    (tmp_path / "images" / "rgb.jpg").write_bytes(by_name["rotated.jpg"].data)  # another picture, same name
+    s2 = run_in_process(**fields)
+    assert s2.rows == {SMALL: 1} and (s2.recomputed, s2.duplicates_removed) == (1, 1)
+    after = {r["key"]: r for r in read_parts(fs, root)}
+    assert len(read_parts(fs, root)) == len(after) == 3  # every key once
+    assert after["rgb.jpg"]["latent"] != before["rgb.jpg"]["latent"]
+    assert after["rgb.jpg"]["sha256"] != before["rgb.jpg"]["sha256"]
+    assert (after["rgb.jpg"]["width"], after["rgb.jpg"]["height"]) == (64, 96)  # the rotated picture's
+    assert all(after[k]["latent"] == before[k]["latent"] for k in ("gray.png", "rgba.png"))
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    assert manifest["last_run"] == {"recomputed_source_changed": 1, "duplicates_removed": 1,
+                                    "hidden_files_skipped": 1}
+    assert manifest["rows"] == {str(SMALL): 3} and manifest["status"] == "complete"
 
 
 def test_captioning_model_appends_to_input_captions(ray_driver, vae_dir, tmp_path):
@@ -229,7 +258,7 @@ def test_captioning_model_appends_to_input_captions(ray_driver, vae_dir, tmp_pat
     assert rows["gray.png"]["caption"] and rows["gray.png"]["caption_source"] == "model"
 
 
-def test_manifest_mismatch_is_refused(ray_cluster, ray_driver, vae_dir, tmp_path):
+def test_manifest_mismatch_is_refused(ray_cluster, ray_driver, vae_dir, tmp_path, capsys):
     write_folder(tmp_path / "images", [c for c in cases() if c.name == "rgb.jpg"])
     fields = dict(input=str(tmp_path / "images"), output=str(tmp_path / "latents"), resolutions=RES,
                   vae=str(vae_dir), max_pixels=MAX_PIXELS)
@@ -241,6 +270,23 @@ def test_manifest_mismatch_is_refused(ray_cluster, ray_driver, vae_dir, tmp_path
     other_vae = make_tiny_vae(tmp_path / "other-vae", per_channel_stats=False)
     with pytest.raises(ManifestMismatch, match="vae_config_sha256"):
         run_in_process(**{**fields, "vae": str(other_vae)})
+    retrained = make_tiny_vae(tmp_path / "retrained-vae")  # the same config, other weights
+    with pytest.raises(ManifestMismatch, match="vae_weights_sha256"):
+        run_in_process(**{**fields, "vae": str(retrained)})
+    write_folder(tmp_path / "other-images", [c for c in cases() if c.name == "rgb.jpg"])
+    with pytest.raises(ManifestMismatch, match="input: stored .* --allow-input-change"):
+        run_in_process(**{**fields, "input": str(tmp_path / "other-images")})
+    # an output made by other latent code and before the input was recorded: refused, then allowed
+    path = tmp_path / "latents" / "manifest.json"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({**{k: v for k, v in stored.items() if k != "input"}, "code_sha256": "0" * 64}))
+    with pytest.raises(ManifestMismatch, match="code_sha256.*--allow-code-change"):
+        run_in_process(**fields)
+    run_in_process(**fields, allow_code_change=True)
+    notes = capsys.readouterr().out
+    assert "code_sha256 changed (allow_code_change)" in notes and "the stored manifest has no input" in notes
+    resumed = json.loads(path.read_text())
+    assert resumed["code_sha256"] == stored["code_sha256"] and resumed["input"] == stored["input"]
     # the command exits non-zero with the reason, and nothing was written
     result = subprocess.run([sys.executable, JOB, "--input", fields["input"], "--output", fields["output"],
                              "--res", *map(str, RES), "--vae", str(other_vae)], capture_output=True, text=True,
