@@ -41,6 +41,8 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
                     help="torch threads per CPU encoder (default: the cores the rest of the node leaves idle)")
     ap.add_argument("--rows-per-file", type=int)
     ap.add_argument("--limit", type=int, help="process at most this many inputs")
+    ap.add_argument("--max-attempts", type=int,
+                    help="times an input may kill its worker before it becomes a worker_crashed error row (default 2)")
     ap.add_argument("--caption-mode", choices=["keep", "model"], help="keep the input's captions or run a model")
     ap.add_argument("--caption-model", help="transformers image-to-text hub id or path")
     ap.add_argument("--caption-policy", choices=["replace", "append"])

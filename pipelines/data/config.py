@@ -43,6 +43,7 @@ class PrecomputeConfig(StrictModel):
     gpus_per_encoder: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     threads_per_encoder: int | None = Field(None, ge=1)  # torch threads on CPU; None: the idle cores (CoreShare)
     rows_per_file: int = Field(256, ge=1)
+    max_attempts: int = Field(2, ge=1)  # deaths of its worker an input may cause before it is an error row
     limit: int | None = Field(None, ge=1)  # process at most this many inputs (after resume filtering)
     lease_ttl_s: float = Field(60.0, gt=0)  # the output's lease expires this long after its holder stops renewing
     allow_code_change: bool = False  # resume an output made by other latent code (manifest code_sha256)

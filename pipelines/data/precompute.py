@@ -14,6 +14,8 @@ from typing import Any
 
 import ray
 
+from pipelines.data.attempts import JournalSpec, ray_retry_args
+from pipelines.data.attempts import clear as clear_journal
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.images import TransformSpec
 from pipelines.data.dedupe import dedupe
@@ -77,6 +79,8 @@ def _precompute(config: PrecomputeConfig, out_fs, out_root: str, lease: Lease) -
     if listing.hidden:
         print(f'precompute: {listing.hidden} hidden files skipped (names starting with ".")', flush=True)
     write_manifest(out_fs, out_root, {**manifest, "status": "running"})
+    journal = JournalSpec(out_fs, out_root, config.max_attempts)
+    clear_journal(journal)  # marks of an earlier job that stopped (we hold the lease: no other job has any)
     done = done_keys(out_fs, out_root, config.resolutions)
     units = listing.units
     if listing.format == "folder":  # keys are known before reading: skip inputs that failed at every resolution
@@ -88,7 +92,7 @@ def _precompute(config: PrecomputeConfig, out_fs, out_root: str, lease: Lease) -
     summary = PrecomputeSummary(output=config.output, inputs_listed=len(units), hidden_skipped=listing.hidden)
     if units:
         sink = LatentDatasink(out_fs, out_root, config.rows_per_file)
-        _build_dataset(config, in_fs, units, listing.format, done, spec).write_datasink(
+        _build_dataset(config, in_fs, units, listing.format, done, spec, journal).write_datasink(
             sink, ray_remote_args={"num_cpus": 0.5})
         summary.rows = {int(r): n for r, n in sink.stats["rows"].items()}
         summary.errors = dict(sink.stats["errors"])
@@ -154,8 +158,13 @@ def default_encoders(resources: dict, gpus_per_encoder: float, *, cpu_captioners
     return max(1, min(wanted, blocks))
 
 
-def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, done: dict, spec: TransformSpec):
+def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, done: dict, spec: TransformSpec,
+                   journal: JournalSpec):
+    """read -> prepare -> [caption] -> encode; the stages after read keep `journal` (pipelines/data/attempts.py)
+    and every stage's retries are bounded, so an input that kills its worker ends as an error row."""
     resources = ray.cluster_resources()
+    tasks, actors_retry = ray_retry_args(config.max_attempts, actor=False), ray_retry_args(config.max_attempts,
+                                                                                          actor=True)
     gpus = config.gpus_per_encoder
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
@@ -166,20 +175,21 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     # encoders share the work evenly (16 files per block left all of a small job to one encoder)
     ds = ds.map_batches(ReadStage(fs, config.resolutions, ray.put(done)), batch_format="pyarrow",
                         batch_size=1 if fmt != "folder" else config.batch_size, num_cpus=0.5,
-                        runtime_env=runtime_env)
+                        runtime_env=runtime_env, **tasks)
     if config.limit is not None:
         ds = ds.limit(config.limit)
     captioning = config.caption.mode == "model"
-    ds = ds.map_batches(PrepareStage(spec, config.max_pixels, want_thumbnail=captioning), batch_format="pyarrow",
-                        batch_size=4, num_cpus=0.5, runtime_env=runtime_env)
+    ds = ds.map_batches(PrepareStage(spec, config.max_pixels, want_thumbnail=captioning, journal=journal),
+                        batch_format="pyarrow", batch_size=4, num_cpus=0.5, runtime_env=runtime_env, **tasks)
     if captioning:
         cap = config.caption
         cap_gpu = cap.gpus_per_actor > 0
         ds = ds.map_batches(CaptionStage, fn_constructor_kwargs=dict(model=cap.model, policy=cap.policy,
                                                                      max_new_tokens=cap.max_new_tokens,
-                                                                     use_gpu=cap_gpu),
+                                                                     use_gpu=cap_gpu, journal=journal),
                             compute=ray.data.ActorPoolStrategy(size=cap.actors), batch_size=cap.batch_size,
-                            batch_format="pyarrow", num_gpus=cap.gpus_per_actor or None, num_cpus=0.5)
+                            batch_format="pyarrow", num_gpus=cap.gpus_per_actor or None, num_cpus=0.5,
+                            **actors_retry)
     # one encoder per GPU; on CPU one per core, one torch thread each while all are busy
     # (benchmarks/bench_precompute.py, idle 2-core machine, SDXL-size VAE: two 1-thread processes side by side
     # encoded 16 images in 100 core-seconds, one process on 2 threads in 109, so 2 x 1 thread wins even after
@@ -201,10 +211,11 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
                                                                  threads=config.threads_per_encoder,
                                                                  actors=actors,
                                                                  batch_size=config.batch_size,
-                                                                 store_std=config.store_std),
+                                                                 store_std=config.store_std, journal=journal),
                           compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=in_flight),
                           batch_size=config.batch_size,
-                          batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus, runtime_env=runtime_env)
+                          batch_format="pyarrow", num_gpus=gpus or None, num_cpus=cpus, runtime_env=runtime_env,
+                          **actors_retry)
 
 
 __all__ = ["run_precompute", "PrecomputeSummary", "ManifestMismatch", "default_encoders"]
