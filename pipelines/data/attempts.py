@@ -1,8 +1,11 @@
 """Inputs that kill their worker: found out and turned into error rows, in a bounded number of retries.
 
-Ray Data retries a task whose worker process died forever by default (tasks: max_retries=-1; actor pools:
-max_restarts=-1, max_task_retries=-1), so one image that crashes its decoder, or takes the worker's memory,
-would hang the job. The stages therefore keep a journal under OUTPUT/_attempts/ (hidden from readers):
+Ray Data retries a map_batches task whose worker process died forever by default (Ray 2.60: tasks
+max_retries=-1, ray/data/_internal/remote_fn.py; actor pools max_restarts=-1 and max_task_retries=-1,
+ActorPoolMapOperator._apply_default_remote_args): measured, a batch whose worker is SIGKILLed on every try
+was retried 46 times in 60 s as a task and 14 times as a pool actor, and never ended. One image that crashes
+its decoder, or takes the worker's memory, would hang the job. The stages therefore keep a journal under
+OUTPUT/_attempts/ (hidden from readers):
 
 - a batch is marked before it is processed and unmarked after;
 - a batch found marked was being processed when its worker died: this attempt processes its items one at a
@@ -38,10 +41,11 @@ class JournalSpec:
 
 def ray_retry_args(max_attempts: int, *, actor: bool) -> dict[str, int]:
     """map_batches' ray_remote_args that bound Ray's retries of a stage's tasks (enough for the journal to
-    isolate MAX_KILLERS_PER_BATCH worker-killing inputs of a batch). An actor may restart any number of times
-    (each restart serves other batches too); each of its tasks is retried a bounded number of times."""
+    isolate MAX_KILLERS_PER_BATCH worker-killing inputs of a batch). An actor may restart any number of times:
+    each restart follows the death of one of its tasks, whose retries are bounded (a bounded max_restarts
+    would instead end a long job after a few worker-killing inputs in all)."""
     retries = 1 + max_attempts * MAX_KILLERS_PER_BATCH
-    return {"max_task_retries": retries} if actor else {"max_retries": retries}
+    return {"max_restarts": -1, "max_task_retries": retries} if actor else {"max_retries": retries}
 
 
 def clear(spec: JournalSpec) -> None:
@@ -52,9 +56,10 @@ def clear(spec: JournalSpec) -> None:
 
 
 def guarded(spec: JournalSpec | None, stage: str, items: list[dict],
-            process: Callable[[list[dict]], list[dict]], *, crashed: Callable[[dict, str], dict]) -> list[dict]:
-    """`process(items)`, journalled: after a crash of this batch, item by item, and `crashed(item, detail)` (an
-    error row) for an item that killed its worker `max_attempts` times. Without a journal: `process(items)`."""
+            process: Callable[[list[dict]], list[dict]], *,
+            crashed: Callable[[dict, str], list[dict]]) -> list[dict]:
+    """`process(items)`, journalled: after a crash of this batch, item by item, and `crashed(item, detail)` (its
+    error rows) for an item that killed its worker `max_attempts` times. Without a journal: `process(items)`."""
     if spec is None or not items:
         return process(items)
     batch = _mark_path(spec, stage, "batch", "\n".join(sorted(i["key"] for i in items)))
@@ -63,20 +68,29 @@ def guarded(spec: JournalSpec | None, stage: str, items: list[dict],
         out = process(items)
         spec.fs.delete_file(batch)
         return out
-    out = []
+    out, written_off = [], []
     for item in items:  # a previous attempt of this batch died: find the item that kills it
-        out.extend(_one(spec, stage, item, process, crashed))
+        rows = _one(spec, stage, item, process)
+        if rows is None:
+            written_off.append(item["key"])
+            rows = crashed(item, f"its {stage} worker died on each of {spec.max_attempts} attempts")
+        out.extend(rows)
+    # the marks of written-off items stay until the batch is done: should the worker die on a later item, the
+    # next attempt must not try them again
+    for key in written_off:
+        spec.fs.delete_file(_mark_path(spec, stage, "item", key))
     spec.fs.delete_file(batch)
     return out
 
 
-def _one(spec: JournalSpec, stage: str, item: dict, process: Callable[[list[dict]], list[dict]],
-         crashed: Callable[[dict, str], dict]) -> list[dict]:
+def _one(spec: JournalSpec, stage: str, item: dict,
+         process: Callable[[list[dict]], list[dict]]) -> list[dict] | None:
+    """`process([item])` with the item marked while it runs; None for an item that has killed its worker on
+    `max_attempts` attempts already."""
     mark = _mark_path(spec, stage, "item", item["key"])
     started = int(read_bytes(spec.fs, mark)) if exists(spec.fs, mark) else 0
     if started >= spec.max_attempts:
-        spec.fs.delete_file(mark)
-        return [crashed(item, f"its {stage} worker died on each of {started} attempts")]
+        return None
     write_bytes_atomic(spec.fs, mark, str(started + 1).encode())
     out = process([item])
     spec.fs.delete_file(mark)

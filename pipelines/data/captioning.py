@@ -81,6 +81,11 @@ class Captioner:
         ids = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1)
         return [self._clean(text) for text in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    def free_cache(self) -> None:
+        """Give back the GPU memory a failed batch left cached (an out-of-memory one), before captioning again."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _clean(self, text: str) -> str:
         text = text.replace("\r", " ").replace("\n", " ").strip()
         if self.prompt and text.lower().startswith(self.prompt.lower()):

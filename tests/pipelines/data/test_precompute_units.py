@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 from PIL import Image
 
@@ -13,7 +15,8 @@ from pipelines.cluster import CoreShare, cpu_marks
 from pipelines.data.images import TransformSpec
 from pipelines.data.latent_store import ReasonCode
 from pipelines.data.precompute import default_encoders
-from pipelines.data.stages import STREAM_SCHEMA, PrepareStage
+from pipelines.data.sources import Unit
+from pipelines.data.stages import STREAM_SCHEMA, PrepareStage, ReadStage
 
 
 @pytest.mark.parametrize(("resources", "gpus", "captioners", "blocks", "expected"), [
@@ -67,3 +70,23 @@ def test_prepare_stage_error_rows_carry_their_reason_code():
         ("error", "empty", "decode", ReasonCode.EMPTY_FILE, None), ("item", "small", None, None, None),
         ("error", "small", "resize", ReasonCode.TOO_SMALL, 64)]
     assert out[0]["reason"] == "empty_file" and out[2]["reason"] == "too_small: short side 40 px < 64"
+
+
+def test_read_stage_redoes_a_key_whose_source_changed(tmp_path):
+    """Resume compares the stored sha256 (latent_store.done_keys) with the bytes read now: a key whose latent
+    was made from other bytes is done again, one that ended in an error row is not."""
+    data = {}
+    for key in ("same.png", "changed.png", "failed.png", "new.png"):
+        png = io.BytesIO()
+        Image.new("RGB", (40, 40), (len(key), 0, 0)).save(png, format="PNG")
+        (tmp_path / key).write_bytes(data.setdefault(key, png.getvalue()))
+    sha = {key: hashlib.sha256(b).hexdigest() for key, b in data.items()}
+    done = {32: {"same.png": sha["same.png"], "changed.png": "0" * 64, "failed.png": None},
+            64: {"same.png": sha["same.png"], "changed.png": sha["changed.png"], "failed.png": None}}
+    units = [{"kind": "file", "path": str(tmp_path / key), "key": key, "sidecar": ""} for key in sorted(data)]
+    assert sorted(units[0]) == sorted(Unit.__dataclass_fields__)
+    out = ReadStage(pafs.LocalFileSystem(), [32, 64], done)(pa.Table.from_pylist(units)).to_pylist()
+    assert {r["key"]: r["todo"] for r in out} == {"changed.png": [32], "new.png": [32, 64]}
+    assert all(r["sha256"] == sha[r["key"]] for r in out)
+    fresh = ReadStage(pafs.LocalFileSystem(), [32], {32: {}})(pa.Table.from_pylist(units)).to_pylist()
+    assert len(fresh) == 4  # the EQ-VAE job reads everything
