@@ -7,7 +7,10 @@
 RAY_ADDRESS (or --address) is the Ray dashboard, e.g. http://127.0.0.1:8265, as for `ray job submit`.
 The MLflow tracking URI comes from [pipeline.tracking] uri, else $MLFLOW_TRACKING_URI, else a sqlite
 file under ~/.hdm. Exit codes: 0 every stage done or skipped; 1 a stage failed (its dependents did not
-run); 2 the config is invalid (nothing ran). See docs/pipeline.md.
+run); 2 the config is invalid (nothing ran); 3 refused: --from while a job of that stage or a later one
+still runs (nothing changed); 4 MLflow unreachable (at start: nothing submitted; later: the stage job keeps
+running); 130 Ctrl-C, 143 SIGTERM (the runs are marked KILLED, the stage job keeps running: a rerun attaches
+to it). See docs/pipeline.md.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import EXIT_INVALID  # noqa: E402
+from pipelines.cli import EXIT_INVALID, EXIT_REFUSED, EXIT_TRACKING  # noqa: E402
+
+EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + the signal's number, as a shell reports it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +56,40 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(report)
         return 0
-    from pipelines.dag.runner import DagRunner, format_results
+    return run(config, args)
 
-    runner = DagRunner(config, address=args.address)
-    results = runner.run(from_stage=args.from_stage)
+
+def run(config, args: argparse.Namespace) -> int:
+    """Run the pipeline; the exit code (module docstring)."""
+    from pipelines.dag.jobs import StageJobRunning
+    from pipelines.dag.runner import DagRunner, format_results
+    from pipelines.tracking import Terminated, TrackingUnavailable, check_reachable, raise_on_sigterm
+
+    uri = config.pipeline.tracking.resolved_uri()
+    try:
+        check_reachable(uri, timeout_s=10.0)
+    except TrackingUnavailable as e:
+        print(f"run_pipeline: MLflow tracking unreachable, nothing submitted: {e}", file=sys.stderr)
+        return EXIT_TRACKING
+    try:
+        runner = DagRunner(config, address=args.address)
+    except ValueError as e:  # a tracking URI the jobs may not get (spec.jobs_tracking_uri)
+        print(f"run_pipeline: {e}", file=sys.stderr)
+        return EXIT_INVALID
+    raise_on_sigterm()  # the runner then marks its runs KILLED; the stage job keeps running
+    try:
+        results = runner.run(from_stage=args.from_stage)
+    except StageJobRunning as e:
+        print(f"run_pipeline refused: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    except TrackingUnavailable as e:
+        print(f"run_pipeline: MLflow tracking unreachable: {e}{runner.left_running()}", file=sys.stderr)
+        return EXIT_TRACKING
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+    except Terminated:
+        return EXIT_SIGTERM
     print(format_results(results), flush=True)
-    uri = runner.tracking_uri
     if uri.startswith("http"):
         print(f"MLflow UI: {uri}  (experiment {runner.experiment!r})")
     for r in results:

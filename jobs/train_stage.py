@@ -7,17 +7,22 @@ Fields left out take the HDM recipe's value for --res (pipelines/train/config.py
 default) starts from the final weights of the latest run at the previous resolution of the same lineage
 (MLflow; refused if that run failed or is unfinished), resolved once and reused on relaunch;
 relaunching with the same --name resumes the stage from its last checkpoint.
+Exit codes: 0 done; 2 invalid config; 3 refused; 4 MLflow unreachable for longer than the job waits (an outage
+during training only delays its metrics); 143 stopped (SIGTERM, `ray job stop`: its run marked KILLED).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
+from pipelines.cli import EXIT_TRACKING, add_shared_flags, config_from_flags, job_main  # noqa: E402
+from pipelines.secrets import redact_text  # noqa: E402
+from pipelines.tracking import Terminated, TrackingUnavailable, raise_on_sigterm  # noqa: E402
 from pipelines.train.config import TrainStageConfig
 
 
@@ -57,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> TrainStageConfig:
     ap.add_argument("--torch-threads", type=int, help="per CPU worker (default: its share of the cores, less one)")
     ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--max-failures", type=int, help="worker failures to recover from")
+    ap.add_argument("--placement", choices=["pack", "spread", "strict_spread"],
+                    help="workers packed on few nodes (default), spread, or one per node (strict_spread)")
     ap.add_argument("--seed", type=int)
     add_shared_flags(ap)
     return config_from_flags(TrainStageConfig, vars(ap.parse_args(argv)), {"sample_every": "sample.every"})
@@ -66,9 +73,18 @@ def main(argv: list[str] | None = None) -> int:
     def run(config: TrainStageConfig):
         from pipelines.train.stage import run_training_stage
 
+        raise_on_sigterm()  # `ray job stop`: the run is marked KILLED on the way out (after ray.init: it sets its own)
         return run_training_stage(config)
 
-    return job_main("train_stage", lambda: parse_args(argv), run, refusals=(LookupError, FileNotFoundError, ValueError))
+    try:
+        return job_main("train_stage", lambda: parse_args(argv), run,
+                        refusals=(LookupError, FileNotFoundError, ValueError))
+    except Terminated:
+        print("train_stage: stopped (SIGTERM); its MLflow run is marked KILLED", file=sys.stderr, flush=True)
+        return 128 + signal.SIGTERM
+    except TrackingUnavailable as e:  # the server stayed away longer than the tracking calls wait
+        print(f"train_stage: {redact_text(str(e))}", file=sys.stderr, flush=True)
+        return EXIT_TRACKING
 
 
 if __name__ == "__main__":

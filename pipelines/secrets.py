@@ -29,6 +29,11 @@ def is_secret_name(name: str) -> bool:
     return SECRET_NAME.search(name) is not None
 
 
+def has_uri_password(text: str) -> bool:
+    """True when `text` holds a URI with a password in its user info (`https://user:pw@host`)."""
+    return URI_PASSWORD.search(text) is not None
+
+
 def environment_secrets(environ: Mapping[str, str] | None = None) -> set[str]:
     """Values of the environment variables whose names look secret (AWS_*_KEY*, *_PASSWORD, *_TOKEN)."""
     environ = os.environ if environ is None else environ

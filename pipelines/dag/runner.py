@@ -3,31 +3,29 @@ its log streamed here and kept, its run recorded in MLflow under one parent run 
 
 A stage is skipped when its MLflow run (found by stage name + config digest) finished and recorded its
 outputs, and those outputs still exist (deleted ones make it run again); `from_stage` reruns a stage and
-everything downstream of it from scratch (its old output folder is deleted first). A stage that did not
-finish last time is resubmitted with the same output folder, so the jobs' own resume (precompute by key,
-training from its last checkpoint) picks up where it stopped. A failed stage stops its dependents;
-independent stages still run.
+everything downstream of it from scratch (its old output folder is deleted first, and refused while a job of
+one of those stages still runs). A stage that did not finish last time is attached to when its job still
+runs (pipelines/dag/jobs.py), else resubmitted with the same output folder, so the jobs' own resume
+(precompute by key, training from its last checkpoint) picks up where it stopped. A failed stage stops its
+dependents; independent stages still run. Interrupted (Ctrl-C, SIGTERM), the runner marks the stage run and
+the pipeline run KILLED and leaves the stage job running, saying how to stop it.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
-import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pipelines.dag.spec import KINDS, DagConfig, StagePlan, experiment, job_config, plan, storage_root
+from pipelines.dag import jobs
+from pipelines.dag.spec import (KINDS, DagConfig, StagePlan, experiment, job_config, jobs_tracking_uri, plan,
+                                storage_root)
+from pipelines.secrets import redact_text
 from pipelines.storage import exists, resolve
 from pipelines.tracking import (CHECKPOINT_TAG, DAG_DIGEST_TAG, DAG_DONE_TAG, DAG_ERROR_TAG, DAG_KIND_TAG,
-                                DAG_OUTPUT_TAG, DAG_STAGE_TAG, StageRun)
-
-ROOT = Path(__file__).resolve().parents[2]  # the working directory every job runs in (uploaded by Ray)
-UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.safetensors", "__pycache__", ".pytest_cache"]
+                                DAG_OUTPUT_TAG, DAG_STAGE_TAG, StageRun, Terminated, TrackingUnavailable)
 
 
 @dataclass
@@ -54,29 +52,47 @@ def log_dir_for(config: DagConfig) -> Path:
 
 
 class DagRunner:
-    def __init__(self, config: DagConfig, *, address: str | None = None, out: TextIO = sys.stdout,
-                 poll_s: float = 1.0):
+    def __init__(self, config: DagConfig, *, address: str | None = None, out: TextIO = sys.stdout):
         from ray.job_submission import JobSubmissionClient
 
         self.config = config
-        self.client = JobSubmissionClient(address or default_address())
-        self.out = out
-        self.poll_s = poll_s
         self.tracking_uri = config.pipeline.tracking.resolved_uri()
+        jobs_tracking_uri(config, self.tracking_uri)  # ValueError now, not at the first tracked stage
+        self.address = address or default_address()
+        self.client = JobSubmissionClient(self.address)
+        self.out = out
         self.experiment = experiment(config)
         self.log_dir = log_dir_for(config)
+        self.job_id: str | None = None  # the stage job being followed now
+        self._stage_run: StageRun | None = None  # its MLflow run
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     def run(self, from_stage: str | None = None) -> list[StageResult]:
+        """Every stage in order; raises jobs.StageJobRunning (nothing changed) when `from_stage` or a stage
+        after it has a job still running, TrackingUnavailable when MLflow stops answering."""
         if from_stage is not None and from_stage not in self.config.stages:
             raise ValueError(f"--from {from_stage!r}: no such stage (stages: {', '.join(self.config.stages)})")
         forced = self.config.descendants(from_stage) if from_stage else set()
         stages = plan(self.config)
+        jobs.refuse_if_running(self.client, self.config.pipeline.name, [s for s in stages if s.name in forced],
+                               what=f"--from {from_stage}")
         parent = StageRun.open(tracking_uri=self.tracking_uri, experiment=self.experiment,
                                stage_key=f"pipeline:{self.config.pipeline.name}", run_name=self.config.pipeline.name,
                                tags={DAG_KIND_TAG: "pipeline"})
+        try:
+            return self._run(stages, forced, parent)
+        except (KeyboardInterrupt, Terminated):
+            self._close(parent, "KILLED")
+            raise
+        except TrackingUnavailable:
+            raise  # MLflow does not answer: nothing more to mark
+        except Exception:
+            self._close(parent, "FAILED")
+            raise
+
+    def _run(self, stages: list[StagePlan], forced: set[str], parent: StageRun) -> list[StageResult]:
         parent.log_params(self.config.model_dump(mode="json"))
         self.say(f"pipeline {self.config.pipeline.name}: {len(stages)} stages; MLflow {self.tracking_uri} "
                  f"experiment {self.experiment!r} run {parent.run_id}; logs in {self.log_dir}")
@@ -95,6 +111,23 @@ class DagRunner:
         parent.finish("FINISHED" if ok else "FAILED")
         return list(results.values())
 
+    def _close(self, parent: StageRun, status: str) -> None:
+        """Interrupted or failed: the stage run and the pipeline run end as `status` (none stays RUNNING);
+        the stage job is left running, and how to stop it is said."""
+        if self._stage_run is not None:
+            self._stage_run.finish(status)
+        parent.finish(status)
+        left = self.left_running()
+        if left:
+            self.say(f"runner stopped ({status}){left}")
+
+    def left_running(self) -> str:
+        """'; Ray job ID keeps running ...' when the stage job followed now is PENDING/RUNNING, else ''."""
+        if self.job_id is None or str(self.client.get_job_info(self.job_id).status) not in jobs.ACTIVE:
+            return ""
+        return (f"; Ray job {self.job_id} keeps running: a rerun attaches to it, or stop it with: "
+                f"ray job stop {self.job_id} --address {self.address}")
+
     def _stage(self, stage: StagePlan, results: dict[str, StageResult], parent_id: str | None, *,
                force: bool) -> StageResult:
         previous = StageRun.find(tracking_uri=self.tracking_uri, experiment=self.experiment, stage_key=stage.stage_key)
@@ -108,24 +141,29 @@ class DagRunner:
             self.say(f"[{stage.name}] finished before with the same config, but its output {gone[0]} is gone: "
                      "running it again")
         fs, path = resolve(stage.folder, self.config.pipeline.s3)
-        if force and exists(fs, path):
+        if force and exists(fs, path):  # run() refused --from while a job of this stage runs
             self.say(f"[{stage.name}] --from: deleting the previous output {stage.folder}")
             fs.delete_dir(path)
-        run = StageRun.open(tracking_uri=self.tracking_uri, experiment=self.experiment, stage_key=stage.stage_key,
-                            run_name=stage.name, parent_run_id=parent_id,
-                            tags={DAG_STAGE_TAG: stage.name, DAG_KIND_TAG: stage.kind, DAG_DIGEST_TAG: stage.digest})
+        run = self._stage_run = StageRun.open(
+            tracking_uri=self.tracking_uri, experiment=self.experiment, stage_key=stage.stage_key,
+            run_name=stage.name, parent_run_id=parent_id,
+            tags={DAG_STAGE_TAG: stage.name, DAG_KIND_TAG: stage.kind, DAG_DIGEST_TAG: stage.digest})
         data = job_config(self.config, stage, {n: r.outputs for n, r in results.items()},
                           tracking_uri=self.tracking_uri, parent_run_id=parent_id)
         if not KINDS[stage.kind].tracked:
             run.log_params(data)
         log = self.log_dir / f"{stage.name}.log"
-        status, message = self._submit(stage, data, log)
+        status, message = self._follow(stage, data, log)
         run.log_artifact(log, "logs")
+        self.job_id, self._stage_run = None, None
         if status != "SUCCEEDED":
             run.set_tags({DAG_ERROR_TAG: message})
             run.finish("FAILED")
             self.say(f"[{stage.name}] FAILED ({message}); log: {log}")
             return StageResult(stage.name, "failed", log=str(log), message=message)
+        return self._done(stage, run, log)
+
+    def _done(self, stage: StagePlan, run: StageRun, log: Path) -> StageResult:
         outputs = stage.outputs()
         state = run.state()
         if stage.kind == "train":
@@ -135,28 +173,23 @@ class DagRunner:
         self.say(f"[{stage.name}] done: " + ", ".join(f"{k} {v}" for k, v in outputs.items()))
         return StageResult(stage.name, "done", outputs, _own_metrics(state.metrics), str(log))
 
-    def _submit(self, stage: StagePlan, data: dict, log: Path) -> tuple[str, str]:
-        """Submit the stage's job, stream its log to `log` and here; (final status, message)."""
-        entrypoint = f"python {KINDS[stage.kind].job} --config {shlex.quote(json.dumps(data))}"
-        env = {k: os.environ[k] for k in self.config.pipeline.forward_env if k in os.environ}
-        env.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-        job_id = self.client.submit_job(
-            entrypoint=entrypoint, submission_id=f"{self.config.pipeline.name}-{stage.name}-{int(time.time())}",
-            runtime_env={"working_dir": str(ROOT), "excludes": UPLOAD_EXCLUDES, "env_vars": env},
-            metadata={"hdm.pipeline": self.config.pipeline.name, "hdm.stage": stage.name})
-        self.say(f"[{stage.name}] submitted {KINDS[stage.kind].job} as Ray job {job_id}")
+    def _follow(self, stage: StagePlan, data: dict, log: Path) -> tuple[str, str]:
+        """Attach to the stage's job when one still runs, else submit the next attempt; stream its log (from
+        the job's start: the file holds each line once) to `log` and here; (final status, message)."""
+        pipeline = self.config.pipeline.name
+        running = jobs.active_job(self.client, pipeline, stage)
+        if running is not None:
+            self.job_id = running.submission_id
+            self.say(f"[{stage.name}] attached to Ray job {self.job_id} ({running.status}), left running before")
+        else:
+            attempt = 1 + max((j.attempt for j in jobs.stage_jobs(self.client, pipeline, stage)), default=0)
+            self.job_id = jobs.submit(self.client, self.config, stage, data, attempt=attempt)
+            self.say(f"[{stage.name}] submitted {KINDS[stage.kind].job} as Ray job {self.job_id}")
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
-            asyncio.run(self._tail(job_id, stage.name, f))
-        info = self.client.get_job_info(job_id)
-        return str(info.status), f"Ray job {job_id} {info.status}: {(info.message or '').strip()}"
-
-    async def _tail(self, job_id: str, name: str, sink: TextIO) -> None:
-        async for chunk in self.client.tail_job_logs(job_id):
-            sink.write(chunk)
-            sink.flush()
-            for line in chunk.splitlines():
-                self.say(f"[{name}] {line}")
+            jobs.tail(self.client, self.job_id, f, lambda line: self.say(f"[{stage.name}] {line}"))
+        info = self.client.get_job_info(self.job_id)
+        return str(info.status), redact_text(f"Ray job {self.job_id} {info.status}: {(info.message or '').strip()}")
 
 
 def _own_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipelines.config import S3Options, StrictModel, TrackingOptions, check_uri
+from pipelines.secrets import has_uri_password, is_secret_name, redact_text
 from pipelines.train.config import derive_params
 
 
@@ -112,18 +113,35 @@ class StageSpec(StrictModel):
         return self
 
 
+class DagTrackingOptions(TrackingOptions):
+    """The pipeline's MLflow: `uri` is where the runner reaches it; `cluster_uri`, when set, is what the stage
+    jobs get instead (the runner on a laptop through a port-forward, the jobs inside the cluster)."""
+
+    cluster_uri: str | None = None
+
+
 class DagOptions(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: str  # root of every stage's output: local path (relative to the working directory) or s3://
     images: int | None = Field(None, ge=1)  # dataset size, for --dry-run's estimates
     use_gpu: bool | None = None  # GPU-hours in the plan count workers of stages that use GPUs
-    tracking: TrackingOptions = TrackingOptions()
+    tracking: DagTrackingOptions = DagTrackingOptions()
     s3: S3Options = S3Options()
-    # Environment variables passed from the runner's environment to every job (credentials travel this way,
-    # never in the config). Names only; missing ones are skipped.
-    forward_env: list[str] = ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
-                              "AWS_PROFILE", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
-                              "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "HF_HUB_OFFLINE"]
+    # Environment variables passed from the runner's environment to every job, names only (missing ones are
+    # skipped). Never credentials: a job's runtime env is shown by the Ray dashboard and job API and logged by
+    # Ray's agent, so secret names are refused; the cluster's nodes hold their own (docs/node.md, docs/kubernetes.md).
+    forward_env: list[str] = ["AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "HF_HUB_OFFLINE",
+                              "NO_ALBUMENTATIONS_UPDATE"]
+
+    @field_validator("forward_env")
+    @classmethod
+    def _no_secrets(cls, names: list[str]) -> list[str]:
+        secret = [n for n in names if is_secret_name(n)]
+        if secret:
+            raise ValueError(f"{', '.join(secret)}: a credential is never forwarded to a job (its runtime env is "
+                             "visible in the Ray dashboard and job API); give it to the cluster's nodes in their "
+                             "own environment instead (docs/node.md, docs/kubernetes.md)")
+        return names
 
     @field_validator("storage")
     @classmethod
@@ -350,9 +368,20 @@ def job_config(config: DagConfig, stage: StagePlan, upstream_outputs: dict[str, 
     if "s3" in model.model_fields:
         data["s3"] = {**config.pipeline.s3.model_dump(exclude_none=True), **data.get("s3", {})}
     if kind.tracked:
-        data["tracking"] = {**data.get("tracking", {}), "uri": tracking_uri, "experiment": experiment(config),
+        uri = jobs_tracking_uri(config, tracking_uri)
+        data["tracking"] = {**data.get("tracking", {}), "uri": uri, "experiment": experiment(config),
                             "parent_run_id": parent_run_id, "stage_key": stage.stage_key, "run_name": stage.name}
     return data
+
+
+def jobs_tracking_uri(config: DagConfig, tracking_uri: str | None) -> str | None:
+    """Where tracked stage jobs reach MLflow: `cluster_uri`, else the runner's URI; never one with a password
+    (it would travel in the job's entrypoint, which the Ray job list shows)."""
+    uri = config.pipeline.tracking.cluster_uri or tracking_uri
+    if uri and has_uri_password(uri):
+        raise ValueError(f"tracking URI {redact_text(uri)}: a password in the URI would be shown in the Ray job list; "
+                         "give the nodes MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD in their own environment")
+    return uri
 
 
 def experiment(config: DagConfig) -> str:

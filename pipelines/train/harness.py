@@ -1,16 +1,17 @@
 """The Ray Train glue both training jobs share (the denoiser stage and the EQ-VAE job).
 
 Driver side: `quiet_progress_bars` before the job's datasets, then `fit`, which hands the workers the job's
-MLflow run and marks that run FAILED when training raises. Worker side: `WorkerContext.start` (rank, world,
-device, torch threads), its model, dataset shard and resumed checkpoint, `tracking_run` (the driver's run on
-rank 0, a disabled one elsewhere), `seed_init` and `report` (metrics from every rank, a checkpoint written by
-rank 0). The jobs' worker code reaches Ray Train only through here.
+MLflow run and marks that run FAILED when training raises (KILLED when the job is stopped). Worker side:
+`WorkerContext.start` (rank, world, device, torch threads), its model, dataset shard and resumed checkpoint,
+`tracking_run` (the driver's run on rank 0, buffered; a disabled one elsewhere), `seed_init` and `report`
+(metrics from every rank, a checkpoint written by rank 0). The jobs' worker code reaches Ray Train only through here.
 """
 
 from __future__ import annotations
 
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from pipelines.cluster import set_train_threads
 from pipelines.tracking import StageRun
 
-_RUN_ID, _TRACKING_URI = "run_id", "tracking_uri"  # what `fit` adds to the workers' loop config
+_RUN_ID, _TRACKING_URI, _STARTED_MS = "run_id", "tracking_uri", "started_ms"  # what `fit` adds to the loop config
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -38,16 +39,15 @@ def quiet_progress_bars() -> None:
 def fit(train_loop: Callable[[dict], None], *, run: StageRun, tracking_uri: str, loop_config: Mapping[str, Any],
         **trainer_options: Any):
     """`TorchTrainer(train_loop, ...).fit()`'s result; the workers get `loop_config` plus the run to log to.
-    `run` is marked FAILED when training raises (and the error raised)."""
+    `run` is marked FAILED when training raises, KILLED when the job is stopped (and the error raised)."""
     from ray.train.torch import TorchTrainer
 
+    started_ms = int(time.time() * 1000)  # what this job logs is stamped from now on (tracking_run)
     trainer = TorchTrainer(train_loop, train_loop_config={**loop_config, _RUN_ID: run.run_id,
-                                                          _TRACKING_URI: tracking_uri}, **trainer_options)
-    try:
+                                                          _TRACKING_URI: tracking_uri, _STARTED_MS: started_ms},
+                           **trainer_options)
+    with run.ending_on_error():  # FAILED, or KILLED on SIGTERM (pipelines.tracking.raise_on_sigterm)
         return trainer.fit()
-    except Exception:
-        run.finish("FAILED")
-        raise
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,11 +111,18 @@ class WorkerContext:
         with resume.as_directory() as directory:
             yield Path(directory)
 
-    def tracking_run(self, loop_config: Mapping[str, Any]) -> StageRun:
-        """The job's run (from `fit`) on rank 0; a disabled run, where every call is a no-op, elsewhere."""
+    def tracking_run(self, loop_config: Mapping[str, Any], *, resume_metric: str | None = None,
+                     resumed: bool = False) -> StageRun:
+        """The job's run (from `fit`) on rank 0, buffered and never raising into training (StageRun's worker
+        mode); a disabled run, where every call is a no-op, elsewhere. `resume_metric`: steps of this metric
+        already logged are not logged again: any step when `resumed` from a checkpoint (a relaunch or a rerun),
+        else only those this job logged (a relaunch before the first checkpoint; a rerun from scratch that
+        reopened the run appends anew)."""
         if not self.is_chief:
             return StageRun(None, None)
-        return StageRun.attach(tracking_uri=loop_config[_TRACKING_URI], run_id=loop_config[_RUN_ID])
+        return StageRun.attach(tracking_uri=loop_config[_TRACKING_URI], run_id=loop_config[_RUN_ID], worker=True,
+                               resume_metric=resume_metric,
+                               logged_since_ms=None if resumed else loop_config.get(_STARTED_MS))
 
     def report(self, metrics: Mapping[str, Any], *, write: Callable[[Path], None] | None = None) -> None:
         """`ray.train.report(metrics)` on every rank (a collective), with the checkpoint that rank 0's

@@ -63,21 +63,22 @@ def run_training_stage(config: TrainStageConfig) -> TrainStageSummary:
         STAGE_TAG: STAGE_TRAIN, RES_TAG: config.res, MODEL_TAG: config.model, TEXT_ENCODER_TAG: config.text_encoder,
         LATENTS_TAG: config.latents, LATENTS_DIGEST_TAG: latents_digest(manifest), INIT_REQUEST_TAG: config.init_from,
         INIT_FROM_TAG: init_from or "none", PREV_RUN_TAG: prev_run or "none"})
-    run.log_params(config.model_dump(mode="json"))
-    quiet_progress_bars()
-    out_fs, out_root = resolve(config.storage, config.s3)
-    result = fit(train_loop, run=run, tracking_uri=tracking_uri, loop_config={
-        "config": config.model_dump(mode="json"), "init_from": init_from, "vae": config.vae or manifest["vae"],
-        "s3": config.s3.model_dump(mode="json")},
-        scaling_config=scaling(config.workers, config.use_gpu, placement=config.placement),
-        run_config=RunConfig(name=config.run_name, storage_path=out_root,
-                             storage_filesystem=out_fs if config.storage.startswith("s3://") else None,
-                             failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": _latents(config, fs, root)})
-    path = result.checkpoint.path
-    checkpoint = f"s3://{path}" if config.storage.startswith("s3://") else path
-    run.set_tags({CHECKPOINT_TAG: checkpoint})
+    with run.ending_on_error():  # FAILED on an error, KILLED when the job is stopped: never left RUNNING
+        run.log_params(config.model_dump(mode="json"))
+        quiet_progress_bars()
+        out_fs, out_root = resolve(config.storage, config.s3)
+        result = fit(train_loop, run=run, tracking_uri=tracking_uri, loop_config={
+            "config": config.model_dump(mode="json"), "init_from": init_from, "vae": config.vae or manifest["vae"],
+            "s3": config.s3.model_dump(mode="json")},
+            scaling_config=scaling(config.workers, config.use_gpu, placement=config.placement),
+            run_config=RunConfig(name=config.run_name, storage_path=out_root,
+                                 storage_filesystem=out_fs if config.storage.startswith("s3://") else None,
+                                 failure_config=FailureConfig(max_failures=config.max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            datasets={"train": _latents(config, fs, root)})
+        path = result.checkpoint.path
+        checkpoint = f"s3://{path}" if config.storage.startswith("s3://") else path
+        run.set_tags({CHECKPOINT_TAG: checkpoint})
     run.finish()
     return TrainStageSummary(name=config.run_name, checkpoint=checkpoint, run_id=run.run_id,
                              metrics=dict(result.metrics))

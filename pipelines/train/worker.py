@@ -25,6 +25,7 @@ import torch
 
 from hdm_model import checkpoint
 
+from pipelines import faults
 from pipelines.config import S3Options
 from pipelines.secrets import redact
 from pipelines.storage import local_path
@@ -35,6 +36,9 @@ from pipelines.train.config import TrainStageConfig
 from pipelines.train.harness import BackgroundCheckpoints, WorkerContext, seed_init
 from pipelines.train.meter import Meter
 from pipelines.train.step import EMA, TrainStep, build_model, unwrap
+
+FAILED_FLUSH_S = 30.0  # how long a worker whose training raised waits for its metrics to reach MLflow
+CHECKPOINT_FLUSH_S = 5.0  # ... and, before reporting a checkpoint, for the steps logged before it
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -136,7 +140,13 @@ def train_loop(loop_config: dict) -> None:
     """One Ray Train worker of a training stage: set up (resumed from Ray Train's checkpoint when there is one),
     then train."""
     cfg = TrainStageConfig.model_validate(loop_config["config"])
-    StageLoop.setup(cfg, WorkerContext.start(torch_threads=cfg.torch_threads), loop_config).train()
+    loop = StageLoop.setup(cfg, WorkerContext.start(torch_threads=cfg.torch_threads), loop_config)
+    finished = False
+    try:
+        loop.train()
+        finished = True
+    finally:  # what the run did not take yet: waited for (an outage), briefly when training failed
+        loop.run.close(timeout_s=None if finished else FAILED_FLUSH_S)
 
 
 class StageLoop:
@@ -179,8 +189,8 @@ class StageLoop:
         step = TrainStep.for_stage(cfg, worker.prepare_model(model, ddp=cfg.ddp.model_dump()),
                                    encode_text=partial(encode_batch, text_encoder), device=worker.device,
                                    rank=worker.rank, world=worker.world)
-        loop = cls(cfg, worker, step=step, text_encoder=text_encoder, run=worker.tracking_run(loop_config),
-                   vae=loop_config["vae"])
+        loop = cls(cfg, worker, step=step, text_encoder=text_encoder, vae=loop_config["vae"],
+                   run=worker.tracking_run(loop_config, resume_metric="loss", resumed=resume is not None))
         if resume is not None:
             loop.resume(resume)
         elif init and loop.run.enabled:
@@ -202,6 +212,7 @@ class StageLoop:
                 batch, weight = self.next_batch()
                 if batch is not END_OF_EPOCH and self.micro_step(batch, weight):
                     self.optimizer_step()
+                    faults.inject("train.kill", [f"step{self.step.step}"])  # the chaos suite's dying worker
                     self.maybe_log()
                     self.maybe_sample()
                     self.maybe_checkpoint()
@@ -271,7 +282,7 @@ class StageLoop:
         final = step.step >= cfg.steps
         due = final or step.step % cfg.checkpoint_every == 0
         if self.checkpoints.pending is not None and (due or step.step % cfg.log_every == 0):
-            self.checkpoints.finish()
+            self.report_checkpoint()
         if not due:
             return
         self.meter.check_finite(step.step)  # weights a NaN reached are never saved
@@ -285,7 +296,13 @@ class StageLoop:
                                commit_file=checkpoint.META,
                                name=f"checkpoint_{step.step:08d}_{uuid.uuid4().hex[:8]}")  # a relaunch never reuses one
         if final:
-            self.checkpoints.finish()
+            self.report_checkpoint()
+
+    def report_checkpoint(self) -> None:
+        """Report the pending checkpoint, the steps logged before it sent first (briefly: an MLflow outage does
+        not hold training up): a relaunch from it then finds them in the run and logs only the later ones."""
+        self.run.flush(timeout_s=CHECKPOINT_FLUSH_S)
+        self.checkpoints.finish()
 
 
 def _log_samples(run: StageRun, net, *, ema: EMA | None, text_encoder, vae_id: str, cfg: TrainStageConfig, device,

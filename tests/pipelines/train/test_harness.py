@@ -3,6 +3,7 @@ what a report carries, and a failed fit marking the job's run FAILED."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,13 @@ def test_a_failed_fit_marks_the_run_failed_and_raises(run, monkeypatch, tmp_path
     given = _FailingTrainer.given
     assert given["loop"] is print and given["scaling_config"] == "scaling"
     # the workers get the job's loop config and the run to attach to (WorkerContext.tracking_run)
+    started = given["config"].pop("started_ms")  # what this job logs is stamped after it (a relaunch's skip)
+    assert abs(started / 1000 - time.time()) < 60
     assert given["config"] == {"config": {"res": 32}, "run_id": run.run_id, "tracking_uri": uri}
-    assert _worker(0).tracking_run(given["config"]).run_id == run.run_id
+    chief = _worker(0).tracking_run({**given["config"], "started_ms": started})
+    assert chief.run_id == run.run_id and chief.worker and chief.logged_since_ms == started
+    resumed = _worker(0).tracking_run({**given["config"], "started_ms": started}, resume_metric="loss", resumed=True)
+    assert resumed.resume_metric == "loss" and resumed.logged_since_ms is None  # a checkpoint: any logged step
     assert not _worker(1).tracking_run(given["config"]).enabled  # only rank 0 logs
 
 
