@@ -26,7 +26,7 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
-# The chaos suite: every injected fault (docs/faults.md), the long ones included (about N minutes on 2 cores).
+# The chaos suite: every injected fault (docs/faults.md), the long ones included (timed in docs/faults.md once measured).
 chaos: $(STAMP)
 	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
