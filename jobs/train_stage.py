@@ -14,15 +14,13 @@ during training only delays its metrics); 143 stopped (SIGTERM, `ray job stop`: 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from pipelines.cli import EXIT_TRACKING, add_shared_flags, config_from_flags, job_main  # noqa: E402
-from pipelines.secrets import redact_text  # noqa: E402
-from pipelines.tracking import Terminated, TrackingUnavailable, raise_on_sigterm  # noqa: E402
+from pipelines.cli import add_shared_flags, config_from_flags, job_main  # noqa: E402
+from pipelines.tracking import raise_on_sigterm  # noqa: E402
 from pipelines.train.config import TrainStageConfig
 
 
@@ -76,15 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         raise_on_sigterm()  # `ray job stop`: the run is marked KILLED on the way out (after ray.init: it sets its own)
         return run_training_stage(config)
 
-    try:
-        return job_main("train_stage", lambda: parse_args(argv), run,
-                        refusals=(LookupError, FileNotFoundError, ValueError))
-    except Terminated:
-        print("train_stage: stopped (SIGTERM); its MLflow run is marked KILLED", file=sys.stderr, flush=True)
-        return 128 + signal.SIGTERM
-    except TrackingUnavailable as e:  # the server stayed away longer than the tracking calls wait
-        print(f"train_stage: {redact_text(str(e))}", file=sys.stderr, flush=True)
-        return EXIT_TRACKING
+    return job_main("train_stage", lambda: parse_args(argv), run,
+                    refusals=(LookupError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

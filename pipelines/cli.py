@@ -9,6 +9,7 @@ running keeps running).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -49,11 +50,19 @@ def job_main(name: str, parse: Callable[[], Config], run: Callable[[Config], Any
             from pipelines.cluster import connect
 
             connect()
+        from pipelines.tracking import Terminated, TrackingUnavailable
+
         try:
             summary = run(config)
         except refusals as e:
             print(f"{name} refused: {e}", file=sys.stderr)
             return EXIT_REFUSED
+        except Terminated:  # raise_on_sigterm (`ray job stop`): a job's run is marked KILLED on the way out
+            print(f"{name}: stopped (SIGTERM); its MLflow run is marked KILLED", file=sys.stderr, flush=True)
+            return 128 + signal.SIGTERM
+        except TrackingUnavailable as e:  # the server stayed away longer than the tracking calls wait
+            print(f"{name}: {e}", file=sys.stderr, flush=True)
+            return EXIT_TRACKING
         print(summary.format(), flush=True)
         return 0
 
