@@ -168,7 +168,9 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
     gpus = config.gpus_per_encoder
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) > 0 else 0.0
-    # CPU encoders' environment; read and decode get it too, so that Ray Data can still fuse them into the encoder
+    # CPU encoders' environment; read and decode get it too (Ray Data fuses operators only where their remote
+    # args agree; the retry bounds of attempts.ray_retry_args differ between tasks and actors, which likely
+    # keeps read and decode out of the encoder now: not measured)
     runtime_env = None if gpus else {"env_vars": CPU_ENCODER_ENV}
     ds = ray.data.from_items([dataclasses.asdict(u) for u in units])
     # a folder is read one encoder batch of files per task: each block then feeds one encoder call, so several
