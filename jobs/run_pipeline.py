@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("config", help="pipeline TOML (pipelines/dag/configs/*.toml), or the config as a JSON object")
     ap.add_argument("--dry-run", action="store_true", help="validate every stage and print the plan; run nothing")
     ap.add_argument("--from", dest="from_stage", metavar="STAGE", help="rerun STAGE and every stage after it")
-    ap.add_argument("--address", help="Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)")
+    ap.add_argument("--address", help="Ray dashboard address; given, it wins over the environment "
+                    "(default $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)")
     ap.add_argument("--storage", help="overrides [pipeline] storage (e.g. an absolute path when run as a Ray job)")
     return ap
 

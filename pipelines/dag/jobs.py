@@ -20,6 +20,8 @@ from typing import TextIO
 from pipelines.dag.spec import KINDS, DagConfig, StagePlan
 from pipelines.secrets import environment_secrets, redact_text
 
+API_SERVER_ADDRESS = "RAY_API_SERVER_ADDRESS"  # read by Ray's job client before its address argument
+
 ROOT = Path(__file__).resolve().parents[2]  # the working directory every job runs in (uploaded by Ray)
 UPLOAD_EXCLUDES = [".git", ".venv", "runs", "mlruns", "*.safetensors", "__pycache__", ".pytest_cache"]
 ACTIVE = ("PENDING", "RUNNING")
@@ -27,6 +29,24 @@ ACTIVE = ("PENDING", "RUNNING")
 
 class StageJobRunning(RuntimeError):
     """A stage job is still PENDING/RUNNING where the runner would change its output (`--from`)."""
+
+
+def submission_client(address: str):
+    """A JobSubmissionClient of the dashboard at `address` and no other. Ray's client (and `ray job submit`)
+    takes $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, over the address it is given
+    (ray.dashboard.utils.get_address_for_submission_client): a shell still pointing at another cluster
+    would get every stage, silently. The address is resolved once, when the client is made."""
+    from ray.job_submission import JobSubmissionClient
+
+    saved = os.environ.get(API_SERVER_ADDRESS)
+    os.environ[API_SERVER_ADDRESS] = address
+    try:
+        return JobSubmissionClient(address)
+    finally:
+        if saved is None:
+            del os.environ[API_SERVER_ADDRESS]
+        else:
+            os.environ[API_SERVER_ADDRESS] = saved
 
 
 def job_prefix(pipeline: str, stage: StagePlan) -> str:

@@ -39,8 +39,10 @@ class StageResult:
 
 
 def default_address() -> str:
-    """The Ray dashboard to submit to: $RAY_ADDRESS as `ray job submit` reads it, else the local default."""
-    return os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265"
+    """The Ray dashboard to submit to: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, as `ray job submit` reads
+    them, else the local default."""
+    return (os.environ.get(jobs.API_SERVER_ADDRESS) or os.environ.get("RAY_ADDRESS")
+            or "http://127.0.0.1:8265")
 
 
 def log_dir_for(config: DagConfig) -> Path:
@@ -53,13 +55,11 @@ def log_dir_for(config: DagConfig) -> Path:
 
 class DagRunner:
     def __init__(self, config: DagConfig, *, address: str | None = None, out: TextIO = sys.stdout):
-        from ray.job_submission import JobSubmissionClient
-
         self.config = config
         self.tracking_uri = config.pipeline.tracking.resolved_uri()
         jobs_tracking_uri(config, self.tracking_uri)  # ValueError now, not at the first tracked stage
         self.address = address or default_address()
-        self.client = JobSubmissionClient(self.address)
+        self.client = jobs.submission_client(self.address)
         self.out = out
         self.experiment = experiment(config)
         self.log_dir = log_dir_for(config)

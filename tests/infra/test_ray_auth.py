@@ -47,9 +47,14 @@ def auth_head():
         services.stop(head)
 
 
+# Auth settings, and the address of another cluster (CI's own head, exported by .ci/run): a client that
+# carries RAY_ADDRESS sends its job there whatever --address says, so it would not be refused by this head.
+CLIENT_UNSET = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS", "HDM_RAY_DASHBOARD")
+
+
 def client_env(home: Path, **auth: str) -> dict[str, str]:
     """This environment without any Ray auth setting, HOME an empty folder, then `auth` on top."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_UNSET}
     return {**env, "HOME": str(home), "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", **auth}
 
 

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 import services
+from pipelines.dag import jobs
 from tests.pipelines.dag.test_pipeline_dag import ROOT, reduced_demo, run_pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
@@ -122,3 +123,18 @@ def test_unreachable_tracking_exits_4_within_seconds_and_submits_nothing(ray_clu
     assert result.returncode == 4, result.output[-4000:]
     assert result.stderr.strip().count("\n") == 0 and closed in result.stderr
     assert len(client.list_jobs()) == before and not (tmp_path / "runs").exists()
+
+
+def test_the_address_given_wins_over_a_stale_ray_address_in_the_environment(ray_cluster, monkeypatch):
+    """Ray's job client takes $RAY_ADDRESS over the address it is given (measured: `ray job submit --address B`
+    with RAY_ADDRESS=A runs the job on A); the runner's client talks to the address it was given."""
+    dashboard = ray_cluster["HDM_RAY_DASHBOARD"]
+    closed = f"http://127.0.0.1:{services.free_port()}"  # the other cluster: nothing listens there
+    monkeypatch.setenv("RAY_ADDRESS", closed)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(ConnectionError, match=closed.split("//")[1]):
+        JobSubmissionClient(dashboard)  # Ray's own client went to the environment's address
+    client = jobs.submission_client(dashboard)
+    assert client.get_address() == dashboard
+    assert isinstance(client.list_jobs(), list)
+    assert os.environ["RAY_ADDRESS"] == closed and "RAY_API_SERVER_ADDRESS" not in os.environ  # left as found
