@@ -53,6 +53,7 @@ DAG_STAGE_TAG, DAG_KIND_TAG, DAG_DIGEST_TAG = "hdm.dag.stage", "hdm.dag.kind", "
 DAG_DONE_TAG = "hdm.dag.done"  # the digest of the config the stage finished with
 DAG_ERROR_TAG = "hdm.dag.error"
 DAG_OUTPUT_TAG = "hdm.output."  # + output name: a URI a dependent stage reads
+GATE_TAG = "hdm.gate"  # a stage's quality gate (pipelines/dag/gates.py): "passed: ..." or "failed: ..."
 METRICS_DROPPED_TAG = "hdm.metrics_dropped"  # metric points a worker's full buffer dropped during an outage
 
 PATIENCE_S = 300.0  # how long a call (or the final flush) waits for an unreachable server

@@ -6,32 +6,36 @@ outputs, and those outputs still exist (deleted ones make it run again); `from_s
 everything downstream of it from scratch (its old output folder is deleted first, and refused while a job of
 one of those stages still runs). A stage that did not finish last time is attached to when its job still
 runs (pipelines/dag/jobs.py), else resubmitted with the same output folder, so the jobs' own resume
-(precompute by key, training from its last checkpoint) picks up where it stopped. A failed stage stops its
-dependents; independent stages still run. Interrupted (Ctrl-C, SIGTERM), the runner marks the stage run and
-the pipeline run KILLED and leaves the stage job running, saying how to stop it.
+(precompute by key, training from its last checkpoint) picks up where it stopped. A failed stage, or a
+finished one whose quality gate failed (pipelines/dag/gates.py), stops its dependents; independent stages
+still run. At the end the pipeline run gets the stage comparison (pipelines/dag/compare.py). Interrupted
+(Ctrl-C, SIGTERM), the runner marks the stage run and the pipeline run KILLED and leaves the stage job
+running, saying how to stop it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
 
-from pipelines.dag import jobs
+from pipelines.dag import gates, jobs
+from pipelines.dag.compare import log_comparison
 from pipelines.dag.spec import (KINDS, DagConfig, StagePlan, experiment, job_config, jobs_tracking_uri, plan,
                                 storage_root)
+from pipelines.eval.metrics import EVAL_METRICS
 from pipelines.secrets import redact_text
 from pipelines.storage import exists, resolve
 from pipelines.tracking import (CHECKPOINT_TAG, DAG_DIGEST_TAG, DAG_DONE_TAG, DAG_ERROR_TAG, DAG_KIND_TAG,
-                                DAG_OUTPUT_TAG, DAG_STAGE_TAG, StageRun, Terminated, TrackingUnavailable)
+                                DAG_OUTPUT_TAG, DAG_STAGE_TAG, GATE_TAG, StageRun, Terminated, TrackingUnavailable)
 
 
 @dataclass
 class StageResult:
     name: str
-    status: str  # skipped, done, failed, blocked
+    status: str  # skipped, done, failed, gate_failed (done or skipped, its quality gate failed), blocked
     outputs: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     log: str | None = None
@@ -98,15 +102,22 @@ class DagRunner:
                  f"experiment {self.experiment!r} run {parent.run_id}; logs in {self.log_dir}")
         results: dict[str, StageResult] = {}
         for stage in stages:
-            blocked = [n for n in stage.needs if results[n].status in ("failed", "blocked")]
+            blocked = [n for n in stage.needs if results[n].status in ("failed", "gate_failed", "blocked")]
             if blocked:
-                results[stage.name] = StageResult(stage.name, "blocked", message=f"not run: {blocked[0]} did not finish")
-                self.say(f"[{stage.name}] not run: it needs {blocked[0]}, which did not finish")
+                up = results[blocked[0]]
+                why = up.message if up.status == "gate_failed" else f"{up.name} did not finish"
+                results[stage.name] = StageResult(stage.name, "blocked", message=f"not run: {why}")
+                self.say(f"[{stage.name}] not run: it needs {up.name}" + (
+                    f"; {why}" if up.status == "gate_failed" else ", which did not finish"))
                 continue
-            results[stage.name] = self._stage(stage, results, parent.run_id, force=stage.name in forced)
+            result = self._stage(stage, results, parent.run_id, force=stage.name in forced)
+            results[stage.name] = self._gate(stage, result, results)
         for result in results.values():
             if result.metrics:
                 parent.log_metrics({f"{result.name}.{k}": v for k, v in result.metrics.items()}, step=0)
+        if log_comparison(parent, stages=stages, results=results, title=f"pipeline {self.config.pipeline.name}"):
+            self.say(f"stage comparison: artifacts comparison/ (stages.csv, stages.html, metrics.png) of run "
+                     f"{parent.run_id}")
         ok = all(r.status in ("done", "skipped") for r in results.values())
         parent.finish("FINISHED" if ok else "FAILED")
         return list(results.values())
@@ -173,6 +184,27 @@ class DagRunner:
         self.say(f"[{stage.name}] done: " + ", ".join(f"{k} {v}" for k, v in outputs.items()))
         return StageResult(stage.name, "done", outputs, _own_metrics(state.metrics), str(log))
 
+    def _gate(self, stage: StagePlan, result: StageResult, results: dict[str, StageResult]) -> StageResult:
+        """A done or skipped stage's quality gate (pipelines/dag/gates.py), checked on every metric its run
+        logged, its verdict tagged on the run (GATE_TAG). Failed, the result becomes gate_failed: its dependents
+        do not run, and the message names the metric, its value and the bound."""
+        gate = self.config.stages[stage.name].gate
+        if gate is None or result.status not in ("done", "skipped"):
+            return result
+        run = StageRun.find(tracking_uri=self.tracking_uri, experiment=self.experiment, stage_key=stage.stage_key)
+        metrics = run.state().metrics
+        reference = results[gate.no_worse_than].metrics if gate.no_worse_than else None
+        verdict = gates.check(gate, metrics=metrics, reference=reference)
+        run.set_tags({GATE_TAG: verdict.tag})
+        if gate.metric in metrics:  # shown in the report and the comparison, whatever its name
+            result.metrics[gate.metric] = metrics[gate.metric]
+        if verdict.passed:
+            self.say(f"[{stage.name}] gate passed: {verdict.text}")
+            return result
+        message = f"gate of {stage.name} failed: {verdict.text}"
+        self.say(f"[{stage.name}] {message}")
+        return replace(result, status="gate_failed", message=message)
+
     def _follow(self, stage: StagePlan, data: dict, log: Path) -> tuple[str, str]:
         """Attach to the stage's job when one still runs, else submit the next attempt; stream its log (from
         the job's start: the file holds each line once) to `log` and here; (final status, message)."""
@@ -193,15 +225,15 @@ class DagRunner:
 
 
 def _own_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    """What the final report shows of a stage run: evaluation scores and the last loss."""
-    return {k: v for k, v in metrics.items() if k.startswith("adherence") or k in ("loss", "psnr")}
+    """What the final report and the parent run show of a stage run: evaluation scores and the last loss."""
+    return {k: v for k, v in metrics.items() if k in EVAL_METRICS or k in ("loss", "psnr")}
 
 
 def format_results(results: list[StageResult]) -> str:
-    lines = ["", "stage                status    outputs / metrics"]
+    lines = ["", "stage                status      outputs / metrics"]
     for r in results:
         detail = ", ".join(f"{k}={v:.3f}" for k, v in sorted(r.metrics.items()))
         where = r.outputs.get("checkpoint") or r.outputs.get("report") or next(iter(r.outputs.values()), "")
-        lines.append(f"{r.name:20s} {r.status:9s} {where}{'  ' + detail if detail else ''}"
-                     f"{'  ' + r.message if r.status in ('failed', 'blocked') else ''}")
+        lines.append(f"{r.name:20s} {r.status:11s} {where}{'  ' + detail if detail else ''}"
+                     f"{'  ' + r.message if r.status in ('failed', 'gate_failed', 'blocked') else ''}")
     return "\n".join(lines)

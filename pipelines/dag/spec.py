@@ -37,6 +37,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipelines.config import S3Options, StrictModel, TrackingOptions, check_uri
+from pipelines.dag.gates import GateSpec, check_gates
 from pipelines.secrets import has_uri_password, is_secret_name, redact_text
 from pipelines.train.config import derive_params
 
@@ -84,7 +85,7 @@ KINDS: dict[str, Kind] = {
     "train": Kind("jobs/train_stage.py", "train.config:TrainStageConfig", "storage", {"checkpoint": ""},
                   (Input("latents", "precompute", "latents", required=False),
                    Input("init_from", "train", "checkpoint", required=False)), tracked=True),
-    "evaluate": Kind("jobs/evaluate.py", "eval.adherence:EvaluateConfig", "out", {"report": ""},
+    "evaluate": Kind("jobs/evaluate.py", "eval.evaluate:EvaluateConfig", "out", {"report": ""},
                      (Input("checkpoint", "train", "checkpoint"),
                       Input("prompt_file", "demo_data", "prompts", required=False)), tracked=True),
     "sample": Kind("jobs/sample.py", "eval.sampling:SampleConfig", "out", {"images": ""},
@@ -105,6 +106,7 @@ class StageSpec(StrictModel):
     needs: list[str] = []  # never inherited
     params: dict[str, Any] = {}  # after validation: resolved, the parent's included
     plan: PlanFigures = PlanFigures()  # never inherited
+    gate: GateSpec | None = None  # checked once the stage finished (pipelines/dag/gates.py); never inherited
 
     @model_validator(mode="after")
     def _kind(self) -> StageSpec:
@@ -203,6 +205,7 @@ class DagConfig(StrictModel):
             raise ValueError(f"the stages' needs form a cycle: {' -> '.join(e.args[1])}") from None
         for name in self.stages:
             self.wiring(name)  # raises on a missing or ambiguous input
+        check_gates(self)
         return self
 
     def order(self) -> list[str]:
