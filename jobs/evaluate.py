@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
         args["sweep"] = {k: v for k, v in sweep.items() if v is not None}
     elif any(v is not None for v in sweep.values()):
         ap.error("--sweep-metric and --no-write-defaults need --sweep-cfg or --sweep-uncond-tread")
-    return config_from_flags(EvaluateConfig, args)
+    return config_from_flags(EvaluateConfig, args, parser=ap)
 
 
 def main(argv: list[str] | None = None) -> int:

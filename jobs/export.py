@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("export", lambda: config_from_flags(ExportConfig, vars(build_parser().parse_args(argv))),
-                    export, refusals=(FileNotFoundError, LookupError, ValueError), init_ray=False)
+    def parse() -> ExportConfig:
+        ap = build_parser()
+        return config_from_flags(ExportConfig, vars(ap.parse_args(argv)), parser=ap)
+
+    return job_main("export", parse, export, refusals=(FileNotFoundError, LookupError, ValueError), init_ray=False)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> IngestConfig:
     ap.add_argument("--threads", type=int, help="download threads per process (default 16)")
     ap.add_argument("--timeout", type=int, help="seconds per URL (default 10)")
     ap.add_argument("--retries", type=int, help="retries per URL (default 0)")
-    return config_from_flags(IngestConfig, vars(ap.parse_args(argv)))
+    return config_from_flags(IngestConfig, vars(ap.parse_args(argv)), parser=ap)
 
 
 def main(argv: list[str] | None = None) -> int:

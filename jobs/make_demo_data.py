@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> DemoDataConfig:
                     help="(shape, background) combinations held out of training per color (default 1)")
     ap.add_argument("--spread", type=float,
                     help="how far from the centre a shape may sit: 0 centred, 1 anywhere in the image (default 0.3)")
-    return config_from_flags(DemoDataConfig, vars(ap.parse_args(argv)))
+    return config_from_flags(DemoDataConfig, vars(ap.parse_args(argv)), parser=ap)
 
 
 def main(argv: list[str] | None = None) -> int:

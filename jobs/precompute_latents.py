@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> PrecomputeConfig:
     add_shared_flags(ap, tracking=False)
     return config_from_flags(PrecomputeConfig, vars(ap.parse_args(argv)), {
         "caption_mode": "caption.mode", "caption_model": "caption.model", "caption_policy": "caption.policy",
-        "caption_actors": "caption.actors", "caption_gpus": "caption.gpus_per_actor"})
+        "caption_actors": "caption.actors", "caption_gpus": "caption.gpus_per_actor"}, parser=ap)
 
 
 def precheck(config: PrecomputeConfig) -> None:

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
-    from pipelines.config import load_config
+    from pipelines.config import describe_errors, load_config
     from pipelines.dag.estimate import format_plan
     from pipelines.dag.spec import DagConfig, plan
 
@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(DagConfig, args.config, {"pipeline.storage": args.storage})
         report = format_plan(config, plan(config))  # validates every stage's job config too
-    except (ValidationError, ValueError, OSError) as e:
-        print(f"{args.config}: invalid pipeline:\n{e}", file=sys.stderr)
+    except ValidationError as e:
+        print("\n".join(f"{args.config}: {line}" for line in describe_errors(e)), file=sys.stderr)
+        return EXIT_INVALID
+    except (ValueError, OSError) as e:  # ConfigError: a stage's params, one line each
+        print("\n".join(f"{args.config}: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return EXIT_INVALID
     if args.from_stage and args.from_stage not in config.stages:
         print(f"--from {args.from_stage!r}: no such stage (stages: {', '.join(config.stages)})", file=sys.stderr)

@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> TrainStageConfig:
                     help="workers packed on few nodes (default), spread, or one per node (strict_spread)")
     ap.add_argument("--seed", type=int)
     add_shared_flags(ap)
-    return config_from_flags(TrainStageConfig, vars(ap.parse_args(argv)), {"sample_every": "sample.every"})
+    return config_from_flags(TrainStageConfig, vars(ap.parse_args(argv)), {"sample_every": "sample.every"}, parser=ap)
 
 
 def main(argv: list[str] | None = None) -> int:

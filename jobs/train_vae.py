@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--use-gpu", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--seed", type=int)
     add_shared_flags(ap)
-    return config_from_flags(VAETrainConfig, vars(ap.parse_args(argv)))
+    return config_from_flags(VAETrainConfig, vars(ap.parse_args(argv)), parser=ap)
 
 
 def main(argv: list[str] | None = None) -> int:

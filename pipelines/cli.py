@@ -18,8 +18,10 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from pipelines.config import ConfigError, describe_errors
 from pipelines.prechecks import PrecheckFailed
 from pipelines.secrets import environment_secrets, redact_text
+from pipelines.storage import RelativePathInJob
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -37,13 +39,16 @@ def job_main(name: str, parse: Callable[[], Config], run: Callable[[Config], Any
     with redacted_output():
         try:
             config = parse()
-        except ValidationError as e:
-            print(f"{name}: invalid configuration:\n{e}", file=sys.stderr)
+        except ConfigError as e:
+            print("\n".join(f"{name}: {line}" for line in e.lines), file=sys.stderr)
+            return EXIT_INVALID
+        except ValidationError as e:  # a config built without config_from_flags
+            print("\n".join(f"{name}: {line}" for line in describe_errors(e)), file=sys.stderr)
             return EXIT_INVALID
         if precheck is not None:
             try:
                 precheck(config)
-            except PrecheckFailed as e:
+            except (PrecheckFailed, RelativePathInJob) as e:
                 print(f"{name}: {e}", file=sys.stderr)
                 return EXIT_INVALID
         if init_ray:
@@ -54,6 +59,9 @@ def job_main(name: str, parse: Callable[[], Config], run: Callable[[Config], Any
 
         try:
             summary = run(config)
+        except RelativePathInJob as e:
+            print(f"{name}: {e}", file=sys.stderr)
+            return EXIT_INVALID
         except refusals as e:
             print(f"{name} refused: {e}", file=sys.stderr)
             return EXIT_REFUSED
@@ -129,15 +137,25 @@ def add_shared_flags(ap: argparse.ArgumentParser, *, tracking: bool = True, runs
     ap.add_argument("--s3-profile", help="AWS profile for s3:// URIs")
 
 
-def config_from_flags(model: type[Config], args: dict[str, Any], renames: dict[str, str] | None = None) -> Config:
+def config_from_flags(model: type[Config], args: dict[str, Any], renames: dict[str, str] | None = None, *,
+                      parser: argparse.ArgumentParser | None = None) -> Config:
     """A job's validated config: its `--config` (TOML path or JSON object), then the other flags on top,
-    renamed to their (dotted) fields by SHARED_FLAGS and `renames`; flags left out (None) are ignored."""
+    renamed to their (dotted) fields by SHARED_FLAGS and `renames`; flags left out (None) are ignored. Invalid,
+    it raises ConfigError naming the flags as typed (`parser` spells those whose dest differs, e.g. --prompt)."""
     from pipelines.config import load_config
 
     names = {**SHARED_FLAGS, **(renames or {})}
     args = dict(args)
     path = args.pop("config")
-    return load_config(model, path, {names.get(k, k): v for k, v in args.items()})
+    try:
+        return load_config(model, path, {names.get(k, k): v for k, v in args.items()})
+    except ValidationError as e:  # the flags' names, not pydantic's field dump
+        spelled = {a.dest: max(a.option_strings, key=len) for a in (parser._actions if parser else ())
+                   if a.option_strings}
+        flags = {names.get(dest, dest): spelled.get(dest, "--" + dest.replace("_", "-")) for dest in args}
+        typed = {names.get(dest, dest) for dest, value in args.items() if value is not None}
+        source = None if path is None or str(path).lstrip().startswith("{") else f"--config {path}"
+        raise ConfigError(describe_errors(e, flags=flags, typed=typed if path else None, source=source)) from None
 
 
 def seeds_from_flags(ap: argparse.ArgumentParser, seeds: list[int] | None, count: int | None) -> list[int] | None:

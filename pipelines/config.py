@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 # hdm_model.vae.DEFAULT_VAE, not imported from there: that would import torch into every process that reads a
 # config, Ray Data's read and write workers included (2.5 s of CPU each, taken from the encoders on a small node)
@@ -56,6 +56,43 @@ def load_config(model: type[Model], path: str | Path | None = None, overrides: d
             node = node.setdefault(part, {})
         node[leaf] = value
     return model.model_validate(data)
+
+
+class ConfigError(ValueError):
+    """A config that did not validate, as one line per error (`lines`): what is wrong, where it was given."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+def describe_errors(error: ValidationError, *, flags: dict[str, str] | None = None, typed: set[str] | None = None,
+                    source: str | None = None) -> list[str]:
+    """One line per error of `error`, e.g. "--res 100: must be a multiple of 16 px" or "--storage is required",
+    without pydantic's input dumps and documentation links. `flags`: dotted field -> the command-line flag that
+    sets it; `typed`: the fields given as flags (None: all of them), the others came from `source` (the
+    --config file) and are named as its fields. A missing field names its flag, and the file's field too."""
+    lines = []
+    for e in error.errors(include_url=False):
+        field = ".".join(str(part) for part in e["loc"])
+        message = e["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        in_file = f"{field} in {source}" if field and source else field
+        flag = (flags or {}).get(field)
+        if e["type"] == "missing":
+            lines.append(f"{flag} is required" + (f" (or {in_file})" if source else "") if flag else
+                         f"{in_file} is required")
+            continue
+        flag = flag if typed is None or field in typed else None
+        where = flag or in_file
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown setting (a typo?)")
+        elif not where:
+            lines.append(message)
+        elif flag and isinstance(e.get("input"), (str, int, float)):
+            lines.append(f"{flag} {e['input']}: {message}")
+        else:
+            lines.append(f"{where}: {message}")
+    return lines
 
 
 class TrackingOptions(StrictModel):

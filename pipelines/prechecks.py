@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipelines.config import S3Options
-from pipelines.storage import s3_filesystem
+from pipelines.storage import local_abspath, s3_filesystem
 
 S3_TIMEOUT_S = 10.0
 HUB_TIMEOUT_S = 10.0
@@ -122,7 +122,7 @@ def _is_repo_id(name: str) -> bool:
 
 
 def _local(uri: str) -> str:
-    return os.path.abspath(os.path.expanduser(uri.removeprefix("file://")))
+    return local_abspath(uri.removeprefix("file://"))
 
 
 def _s3_parts(uri: str, *, flag: str) -> tuple[str, str]:

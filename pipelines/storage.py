@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import uuid
@@ -14,13 +15,44 @@ import pyarrow.fs as pafs
 from pipelines.config import S3Options
 
 
+# Set by Ray's job supervisor in a submitted job's driver: its runtime env, with the uploaded working_dir
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+class RelativePathInJob(ValueError):
+    """A relative local path in a Ray job that runs in Ray's copy of the submitter's working directory."""
+
+    def __init__(self, path: str):
+        super().__init__(
+            f"{path}: a relative path in a Ray job resolves inside Ray's copy of the working directory "
+            f"({os.getcwd()}), not in the folder the job was submitted from; give an absolute path "
+            f'(e.g. "$PWD/{path}") or an s3:// URI')
+
+
+def in_uploaded_working_dir() -> bool:
+    """Whether this process is a Ray job's driver running in an uploaded `--working-dir` copy."""
+    try:
+        runtime_env = json.loads(os.environ.get(RAY_JOB_CONFIG, "{}")).get("runtime_env") or {}
+    except ValueError:
+        return False
+    return bool(runtime_env.get("working_dir"))
+
+
+def local_abspath(path: str) -> str:
+    """The absolute form of a local path. A relative one that does not exist here, in a job that runs in an
+    uploaded working dir, is refused (RelativePathInJob): it was meant where the user typed it, and anything
+    written there would vanish with Ray's copy. One that exists in the copy (shipped with the code) is kept."""
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path) and not os.path.exists(path) and in_uploaded_working_dir():
+        raise RelativePathInJob(path)
+    return os.path.abspath(path)
+
+
 def resolve(uri: str, s3: S3Options = S3Options()) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path, a file:// URI or an s3://bucket/prefix URI."""
     if uri.startswith("s3://"):
         return s3_filesystem(s3), uri[len("s3://"):].rstrip("/")
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.LocalFileSystem(), local_abspath(uri.removeprefix("file://"))
 
 
 def s3_filesystem(options: S3Options, *, timeout_s: float | None = None) -> pafs.S3FileSystem:

@@ -56,8 +56,11 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, token: str | No
 
 
 def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment for a service, with `extra` on top: Ray auth off unless `extra` says otherwise."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
+    """This process's environment for a service, with `extra` on top: Ray auth off unless `extra` says otherwise,
+    and no Ray address: Ray's CLI takes $RAY_ADDRESS over its --address flag (`ray start --address`, `ray list
+    --address`), so a node started from a shell pointing at another cluster (CI's own head) would join that one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env = {**env, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     return env
 

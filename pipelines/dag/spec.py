@@ -36,7 +36,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from pipelines.config import S3Options, StrictModel, TrackingOptions, check_uri
+from pipelines.config import ConfigError, S3Options, StrictModel, TrackingOptions, check_uri, describe_errors
 from pipelines.dag.gates import GateSpec, check_gates
 from pipelines.secrets import has_uri_password, is_secret_name, redact_text
 from pipelines.train.config import derive_params
@@ -400,5 +400,5 @@ def validate_stage(config: DagConfig, stage: StagePlan) -> BaseModel:
     try:
         return KINDS[stage.kind].model().model_validate(data)
     except ValidationError as e:
-        raise ValueError(f"stage {stage.name!r} (kind {stage.kind}, {KINDS[stage.kind].job}): "
-                         f"invalid params:\n{e}") from None
+        where = f"stage {stage.name!r} ({KINDS[stage.kind].job}): params."
+        raise ConfigError([where + line for line in describe_errors(e)]) from None

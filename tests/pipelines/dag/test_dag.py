@@ -53,7 +53,8 @@ def test_unknown_key_and_missing_dependency_are_named(tmp_path):
     result = subprocess.run([sys.executable, "jobs/run_pipeline.py", str(bad_key), "--dry-run"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "stages.precompute.retries" in result.stderr
-    assert "Extra inputs are not permitted" in result.stderr
+    assert "stages.precompute.retries: unknown setting (a typo?)" in result.stderr
+    assert "errors.pydantic.dev" not in result.stderr and result.stderr.count("\n") == 1
 
     with pytest.raises(ValidationError, match="stage 'train-64' needs 'precompute-x', which is not a stage"):
         _config({**CHAIN, "train-64": {**CHAIN["train-64"], "needs": ["precompute-x"]}})
@@ -66,7 +67,8 @@ def test_unknown_key_and_missing_dependency_are_named(tmp_path):
 
 def test_bad_stage_params_are_refused_naming_the_stage():
     config = _config({**CHAIN, "train-64": {**CHAIN["train-64"], "params": {"res": 63, "model": "tiny"}}})
-    with pytest.raises(ValueError, match=r"stage 'train-64' \(kind train, jobs/train_stage.py\).*\n.*\nres\n"):
+    with pytest.raises(ValueError, match=r"^stage 'train-64' \(jobs/train_stage.py\): params.res: res must be a "
+                                         r"multiple of 16 px, got 63$"):
         format_plan(config, plan(config))
 
 

@@ -99,10 +99,14 @@ def test_every_placement_is_a_ray_strategy():
 @pytest.mark.integration
 @pytest.mark.chaos
 @pytest.mark.slow
-def test_stage_spans_two_nodes_and_survives_losing_one(s3_server, mlflow_server, tmp_path):
+def test_stage_spans_two_nodes_and_survives_losing_one(s3_server, mlflow_server, tmp_path, monkeypatch):
     import boto3
     from ray.job_submission import JobSubmissionClient
 
+    # this test's own cluster: Ray's clients (job submission, state API) take $RAY_ADDRESS over the address
+    # they are given, and .ci/run exports the session cluster's
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     started = time.monotonic()
     endpoint, uri = s3_server["HDM_S3_ENDPOINT"], mlflow_server["MLFLOW_TRACKING_URI"]
     # a bucket and an experiment of its own: the session's services may be shared (.ci/run) and rerun against
