@@ -9,13 +9,17 @@ A checkpoint is a directory:
                           trained with, and the training stage's config (credentials redacted)
     training_state.pt     optimizer, schedule, step, epoch and the latent keys trained in that epoch: only a
                           resumed training stage reads it, with torch.load(weights_only=True)
+    sampling.json         optional SamplingDefaults: the CFG scale and unconditional TREAD rate sampling uses
+                          when the caller names none (written by an evaluate job's guidance sweep)
 
-`XUTDenoiser.save_pretrained` writes the first and third; a training stage writes all four.
+`XUTDenoiser.save_pretrained` writes the first and third; a training stage the first four; an evaluate
+job's guidance sweep adds sampling.json.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,8 +35,9 @@ WEIGHTS = "model.safetensors"
 EMA_WEIGHTS = "ema.safetensors"
 META = "config.json"
 TRAINING_STATE = "training_state.pt"
+SAMPLING = "sampling.json"
 SAMPLING_FILES = (META, WEIGHTS)  # what sampling and export need (not the optimizer) ...
-SAMPLING_OPTIONAL = (EMA_WEIGHTS,)  # ... and use where present
+SAMPLING_OPTIONAL = (EMA_WEIGHTS, SAMPLING)  # ... and use where present
 DEFAULT_MAX_LENGTH = 256  # text tokens, where a checkpoint records no text encoder
 
 
@@ -61,6 +66,75 @@ class CheckpointMeta:
         text = data.get("text_encoder") or {}
         return cls(model=model, text_encoder=text.get("id"), max_length=int(text.get("max_length", DEFAULT_MAX_LENGTH)),
                    vae=data.get("vae") or None, stage=dict(data.get("stage") or {}))
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """sampling.json: {"cfg_scale", "uncond_tread_rate", "source"}, the guidance HDMPipeline uses when the caller
+    passes none. uncond_tread_rate None or 0: the unconditional branch unrouted."""
+
+    cfg_scale: float
+    uncond_tread_rate: float | None
+    source: str = ""  # how the values were chosen, e.g. "evaluate sweep: best adherence_color 0.92"
+
+    def __post_init__(self) -> None:
+        if not _is_number(self.cfg_scale) or not 0 < self.cfg_scale < math.inf:
+            raise ValueError(f"cfg_scale must be a positive number, got {self.cfg_scale!r}")
+        rate = self.uncond_tread_rate
+        if rate is not None and not (_is_number(rate) and 0 <= rate < 1):
+            raise ValueError(f"uncond_tread_rate must be null or in [0, 1), got {rate!r}")
+        if not isinstance(self.source, str):
+            raise ValueError(f"source must be a string, got {self.source!r}")
+
+    def to_text(self) -> str:
+        """The file's content (the one serialisation: a local write and an s3:// upload both use it)."""
+        return json.dumps({"cfg_scale": self.cfg_scale, "uncond_tread_rate": self.uncond_tread_rate,
+                           "source": self.source}, indent=2) + "\n"
+
+    @classmethod
+    def from_text(cls, text: str, *, where: str = SAMPLING) -> SamplingDefaults:
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            unknown = sorted(set(data) - {"cfg_scale", "uncond_tread_rate", "source"})
+            if unknown:
+                raise ValueError(f"unknown keys {unknown}")
+            if "cfg_scale" not in data:
+                raise ValueError("no cfg_scale")
+            return cls(cfg_scale=data["cfg_scale"], uncond_tread_rate=data.get("uncond_tread_rate"),
+                       source=data.get("source", ""))
+        except ValueError as e:  # json.JSONDecodeError is one
+            raise ValueError(f"{where} is not valid sampling defaults ({e}): delete it, or rewrite it as "
+                             '{"cfg_scale": 3.0, "uncond_tread_rate": null, "source": ""}') from e
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def write_sampling_defaults(directory: str | os.PathLike, defaults: SamplingDefaults) -> Path:
+    """Write sampling.json into a checkpoint directory, atomically (a temporary file, fsynced, then renamed: a
+    reader sees the old file or the new one). The weights and config.json are not touched."""
+    directory = Path(directory)
+    if not is_checkpoint(directory):
+        raise FileNotFoundError(f"{directory} is not a checkpoint directory (no {WEIGHTS} and {META}): sampling "
+                                "defaults go beside a checkpoint's weights")
+    path = directory / SAMPLING
+    tmp = directory / f".{SAMPLING}.{os.getpid()}.tmp"
+    tmp.write_text(defaults.to_text())
+    _fsync(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_sampling_defaults(directory: str | os.PathLike) -> SamplingDefaults | None:
+    """The checkpoint's sampling.json, None where it has none; a file with bad content is refused (ValueError
+    naming it)."""
+    path = Path(directory) / SAMPLING
+    if not path.is_file():
+        return None
+    return SamplingDefaults.from_text(path.read_text(errors="replace"), where=str(path))
 
 
 def is_checkpoint(directory: str | os.PathLike) -> bool:

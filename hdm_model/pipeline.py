@@ -16,7 +16,9 @@ generator, so routed images are always sampled alone); batched kernels round dif
 ones, so such an image can differ from the one drawn alone by float rounding (1/255 seen on CPU).
 
 Every returned image carries its generation parameters as JSON in `image.info["parameters"]`, which
-`save_png` writes into the PNG text chunk `parameters`.
+`save_png` writes into the PNG text chunk `parameters`. A call that names no CFG scale or unconditional TREAD
+rate uses the pipeline's sampling defaults: a checkpoint's sampling.json (checkpoint.SamplingDefaults, chosen by
+a guidance sweep), else 3.0 and no routing.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
-from .checkpoint import check_state_keys
+from .checkpoint import SamplingDefaults, check_state_keys
 from .denoiser import XUTDenoiser
 from .flow import LATENT_SCALE, SamplerConfig, latent_size, sample
 from .official import (TEXT_ENCODER_DIR, TOKENIZER_DIR, VAE_DIR, VAE_PREFIX, OfficialWeights,
@@ -64,7 +66,7 @@ class HDMPipeline:
     """Text-to-image with one denoiser, one `TextEncoder` and one `LatentVAE` (already on their device)."""
 
     def __init__(self, denoiser: XUTDenoiser, text_encoder: TextEncoder, vae: LatentVAE, *,
-                 source: str | None = None):
+                 source: str | None = None, sampling_defaults: SamplingDefaults | None = None):
         mc = denoiser.config
         if text_encoder.hidden_size != mc.ctx_dim:
             raise ValueError(f"text encoder hidden size {text_encoder.hidden_size} != denoiser ctx_dim {mc.ctx_dim}")
@@ -74,6 +76,7 @@ class HDMPipeline:
             raise ValueError(f"the sampler needs an f{LATENT_SCALE} VAE, got f{vae.scale_factor}")
         self.denoiser, self.text_encoder, self.vae = denoiser, text_encoder, vae  # sample() sets eval, then restores
         self.source = source  # where the weights came from; recorded in each image's parameters
+        self.sampling_defaults = sampling_defaults  # guidance when a call names none (a checkpoint's sampling.json)
 
     @property
     def device(self) -> torch.device:
@@ -91,7 +94,8 @@ class HDMPipeline:
                         vae: LatentVAE | str | None = None, ema: bool = True) -> HDMPipeline:
         """A training stage's checkpoint directory: `model.safetensors` (our key names) and `config.json` =
         {"model": XUTConfig, "text_encoder": {"id", "max_length"}, "vae": id, "stage": ...}, and
-        `ema.safetensors` when the stage kept an EMA of its weights (used unless `ema=False`).
+        `ema.safetensors` when the stage kept an EMA of its weights (used unless `ema=False`), and
+        `sampling.json` when a guidance sweep chose its sampling defaults (used when a call names no guidance).
 
         `text_encoder` / `vae` (a loaded module, or a hub id or local path) replace the checkpoint's.
         dtype None: float16 on GPU, float32 elsewhere.
@@ -111,7 +115,8 @@ class HDMPipeline:
                                                        dtype=dtype, max_length=meta.max_length)
         if not isinstance(vae, LatentVAE):
             vae = LatentVAE.from_pretrained(os.fspath(vae or meta.vae), device=device, dtype=dtype)
-        return cls(denoiser, text_encoder, vae, source=str(directory))
+        return cls(denoiser, text_encoder, vae, source=str(directory),
+                   sampling_defaults=checkpoint.read_sampling_defaults(directory))
 
     @classmethod
     def from_official(cls, path: str | os.PathLike, *, text_encoder: TextEncoder | str | None = None,
@@ -145,12 +150,14 @@ class HDMPipeline:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], *, negative_prompt: str = "", width: int = 1024,
-                 height: int = 1024, steps: int = 24, cfg_scale: float = 3.0,
+                 height: int = 1024, steps: int = 24, cfg_scale: float | None = None,
                  seeds: Sequence[int] | int | None = None, camera: Camera | None = None,
                  cond_tread_rate: float | None = None, uncond_tread_rate: float | None = None,
                  batch_size: int = 1) -> list[Image.Image]:
         """len(prompts) * len(seeds) PIL images, prompt-major (see the module doc).
 
+        cfg_scale / uncond_tread_rate None: the pipeline's sampling defaults (`guidance`); 1.0 / 0 turn
+        guidance / routing off. The values used go into each image's parameters.
         seeds: an int or a list (every prompt is drawn with each); None draws one seed at random, which
         each image's `info["parameters"]` records. Width and height: multiples of 16 px, any aspect ratio.
         batch_size: images of one prompt per denoiser batch; 1 keeps every image bit-reproducible.
@@ -161,6 +168,7 @@ class HDMPipeline:
         seeds = _seed_list(seeds)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        cfg_scale, uncond_tread_rate = self.guidance(cfg_scale, uncond_tread_rate)
         config = SamplerConfig(steps=steps, cfg_scale=cfg_scale, cond_tread_rate=cond_tread_rate,
                                uncond_tread_rate=uncond_tread_rate)
         latent_size(height, width, patch_size=self.denoiser.config.patch_size)  # refuses a bad size early
@@ -179,6 +187,18 @@ class HDMPipeline:
                     image.info[PARAMETERS_KEY] = json.dumps({"prompt": prompt, "seed": seed, **common})
                     images.append(image)
         return images
+
+    def guidance(self, cfg_scale: float | None = None, uncond_tread_rate: float | None = None
+                 ) -> tuple[float, float | None]:
+        """The (cfg_scale, uncond_tread_rate) a call with these arguments samples with: each one given wins,
+        else the pipeline's `sampling_defaults` (a checkpoint's sampling.json), else SamplerConfig's (3.0,
+        unrouted)."""
+        defaults = self.sampling_defaults
+        if cfg_scale is None:
+            cfg_scale = defaults.cfg_scale if defaults else SamplerConfig.cfg_scale
+        if uncond_tread_rate is None and defaults:
+            uncond_tread_rate = defaults.uncond_tread_rate
+        return cfg_scale, uncond_tread_rate
 
     def _encode(self, prompt: str) -> Tensor:
         """(1, T, ctx_dim) states of one prompt on the denoiser's device, no pad tokens (hdm_spec 6)."""

@@ -7,7 +7,8 @@
     python jobs/sample.py --official HDM-xut-340M-anime/ --prompt "..."     # the released diffusers folder
 
 Every prompt is drawn with every seed; each PNG holds its generation parameters (JSON) in its
-`parameters` text chunk. See docs/sampling.md.
+`parameters` text chunk. Without --cfg / --uncond-tread, a checkpoint's sampling defaults (its sampling.json,
+written by an evaluate job's guidance sweep) are used, else 3.0 / off. See docs/sampling.md.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=int, help="px, a multiple of 16 (default 1024); any aspect ratio")
     ap.add_argument("--height", type=int, help="px, a multiple of 16 (default 1024)")
     ap.add_argument("--steps", type=int, help="Euler steps (default 24)")
-    ap.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 3.0; 1 = no guidance)")
+    ap.add_argument("--cfg", type=float, help="classifier-free guidance scale, >= 1 (1 = no guidance; default: the "
+                    "checkpoint's sampling defaults, sampling.json from an evaluate sweep, else 3.0)")
     ap.add_argument("--seed", type=int, action="append", dest="seeds", metavar="SEED",
                     help="a seed (repeatable); with --count, the first of COUNT consecutive seeds (default 0)")
     ap.add_argument("--count", type=int, help="draw seeds SEED, SEED+1, ..., SEED+COUNT-1")
@@ -44,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--x-shift", type=float, help="camera shift right, in grid units (default 0; -1..1 typical)")
     ap.add_argument("--y-shift", type=float, help="camera shift down, in grid units (default 0)")
     ap.add_argument("--cond-tread", type=float, help="TREAD routing rate of the conditional pass, [0, 1) (default off)")
-    ap.add_argument("--uncond-tread", type=float, help="TREAD rate of the unconditional pass (0.5 = auto-guidance)")
+    ap.add_argument("--uncond-tread", type=float, help="TREAD rate of the unconditional pass, [0, 1): 0.5 = "
+                    "auto-guidance, 0 = off (default: the checkpoint's sampling defaults, else off)")
     ap.add_argument("--batch-size", type=int, help="images per denoiser batch (default 1: bit-reproducible)")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on GPU, else float32")
     ap.add_argument("--device", help="e.g. cuda, cuda:1, cpu (default: cuda when available)")
@@ -65,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> SampleConfig:
         lines = Path(prompt_file).read_text().splitlines()
         args["prompts"] = (args["prompts"] or []) + [line.strip() for line in lines if line.strip()]
     args["seeds"] = seeds_from_flags(ap, args["seeds"], args.pop("count"))
-    return config_from_flags(SampleConfig, args)
+    return config_from_flags(SampleConfig, args, parser=ap)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,13 +33,13 @@ class SampleConfig(StrictModel):
     width: int = 1024
     height: int = 1024
     steps: int = Field(24, ge=1)
-    cfg: float = 3.0
+    cfg: float | None = None  # None: the checkpoint's sampling defaults (sampling.json), else 3.0
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     zoom: float = Field(1.0, gt=0)
     x_shift: float = 0.0
     y_shift: float = 0.0
     cond_tread: float | None = Field(None, ge=0, lt=1)
-    uncond_tread: float | None = Field(None, ge=0, lt=1)
+    uncond_tread: float | None = Field(None, ge=0, lt=1)  # None: the checkpoint's sampling defaults, else unrouted
     batch_size: int = Field(1, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None  # None: float16 on GPU, float32 on CPU
     device: str | None = None  # None: cuda when available, else cpu
@@ -68,11 +68,13 @@ class SampleConfig(StrictModel):
 @dataclass
 class SampleSummary:
     source: str
+    guidance: str = ""  # the CFG scale and unconditional TREAD rate used, and where they came from
     images: list[str] = field(default_factory=list)
     grid: str | None = None
 
     def format(self) -> str:
-        lines = [f"sample: {len(self.images)} images from {self.source}", *(f"  {p}" for p in self.images)]
+        lines = [f"sample: {len(self.images)} images from {self.source}", f"  {self.guidance}",
+                 *(f"  {p}" for p in self.images)]
         return "\n".join(lines + ([f"  grid: {self.grid}"] if self.grid else []))
 
 
@@ -86,7 +88,7 @@ def run_sampling(config: SampleConfig) -> SampleSummary:
                       cond_tread_rate=config.cond_tread, uncond_tread_rate=config.uncond_tread,
                       batch_size=config.batch_size)
     out, n = Path(config.out), len(config.seeds)
-    summary = SampleSummary(source=pipe.source)
+    summary = SampleSummary(source=pipe.source, guidance=describe_guidance(pipe, config))
     for i, image in enumerate(images):
         path = out / f"{i:04d}-p{i // n:02d}-s{config.seeds[i % n]}.png"
         summary.images.append(str(save_png(image, path)))
@@ -95,6 +97,21 @@ def run_sampling(config: SampleConfig) -> SampleSummary:
                       "images": [json.loads(image.info["parameters"]) for image in images]}
         summary.grid = str(save_png(make_grid(images, cols=n), out / "grid.png", parameters=parameters))
     return summary
+
+
+def describe_guidance(pipe: HDMPipeline, config: SampleConfig) -> str:
+    """e.g. "cfg 2.5, uncond TREAD 0.3 (checkpoint defaults: <source>)": the values a call with the config's
+    flags samples with (HDMPipeline.guidance), and which of them are the checkpoint's defaults."""
+    cfg, rate = pipe.guidance(config.cfg, config.uncond_tread)
+    text = f"cfg {cfg:g}, uncond TREAD {f'{rate:g}' if rate else 'off'}"
+    defaults = pipe.sampling_defaults
+    if defaults is None:
+        return text
+    used = [name for name, flag in (("cfg", config.cfg), ("uncond TREAD", config.uncond_tread)) if flag is None]
+    if not used:
+        return text + " (flags; the checkpoint's defaults not used)"
+    which = "checkpoint defaults" if len(used) == 2 else f"{used[0]} from the checkpoint defaults"
+    return text + f" ({which}: {defaults.source or checkpoint.SAMPLING})"
 
 
 def load_pipeline(config: SampleConfig, scratch: Path) -> HDMPipeline:
