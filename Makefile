@@ -26,14 +26,15 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
-# The chaos suite: every injected fault (docs/faults.md), the long ones included (timed in docs/faults.md once measured).
+# The chaos suite: every injected fault (docs/faults.md), the long ones included: about 13 minutes on 2 cores.
 chaos: $(STAMP)
 	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
 
 # The README's main command: local Ray head node + MLflow server (infra/local/demo.sh), the demo DAG
 # submitted to it as a Ray job. A second `make demo` skips finished stages; `make down` stops the services.
+# `make demo VERBOSE=1` shows every line of the stage jobs' logs (Ray's chatter included), not just progress.
 demo: $(STAMP)
-	infra/local/demo.sh $(DEMO_CONFIG)
+	VERBOSE=$(VERBOSE) infra/local/demo.sh $(DEMO_CONFIG)
 
 down:
 	$(PY) infra/local/services.py down --state .hdm/services.json

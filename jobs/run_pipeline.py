@@ -3,6 +3,8 @@
     python jobs/run_pipeline.py pipelines/dag/configs/demo.toml                # run (skips finished stages)
     python jobs/run_pipeline.py pipelines/dag/configs/hdm_xut_base.toml --dry-run   # validate and plan only
     python jobs/run_pipeline.py CONFIG --from train-512                    # rerun a stage and what follows
+    python jobs/run_pipeline.py CONFIG --calibrate                         # measure each train stage's speed
+    python jobs/run_pipeline.py CONFIG --dry-run --price-per-gpu-hour 2.5  # the plan with measured figures
 
 RAY_ADDRESS (or --address) is the Ray dashboard, e.g. http://127.0.0.1:8265, as for `ray job submit`.
 The MLflow tracking URI comes from [pipeline.tracking] uri, else $MLFLOW_TRACKING_URI, else a sqlite
@@ -34,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--address", help="Ray dashboard address; given, it wins over the environment "
                     "(default $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS, else http://127.0.0.1:8265)")
     ap.add_argument("--storage", help="overrides [pipeline] storage (e.g. an absolute path when run as a Ray job)")
+    ap.add_argument("--verbose", action="store_true", help="show every line of the stage jobs' logs (Ray's "
+                    "chatter, each worker's lines) besides the progress lines; the stage logs keep them either way")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="run a few steps of every train stage on the cluster (and the stages they need, unless "
+                         "finished) and record their throughput in MLflow, which --dry-run then uses")
+    ap.add_argument("--calibrate-steps", type=int, default=20, metavar="N", help="steps per train stage (default 20)")
+    ap.add_argument("--price-per-gpu-hour", type=float, metavar="PRICE",
+                    help="with --dry-run (or --calibrate): the cost of each stage and the total at this price")
     return ap
 
 
@@ -47,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load_config(DagConfig, args.config, {"pipeline.storage": args.storage})
-        report = format_plan(config, plan(config))  # validates every stage's job config too
+        format_plan(config, plan(config))  # validates every stage's job config too
     except ValidationError as e:
         print("\n".join(f"{args.config}: {line}" for line in describe_errors(e)), file=sys.stderr)
         return EXIT_INVALID
@@ -58,9 +68,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--from {args.from_stage!r}: no such stage (stages: {', '.join(config.stages)})", file=sys.stderr)
         return EXIT_INVALID
     if args.dry_run:
-        print(report)
+        from pipelines.dag.calibrate import lookup
+
+        stages = plan(config)
+        print(format_plan(config, stages, measured=lookup(config, stages), price_per_gpu_hour=args.price_per_gpu_hour))
         return 0
+    if args.calibrate:
+        return calibrate(config, args)
     return run(config, args)
+
+
+def calibrate(config, args: argparse.Namespace) -> int:
+    """Run the calibration DAG (pipelines/dag/calibrate.py), record what it measured, print the plan with it."""
+    from pipelines.dag.calibrate import calibration_config, record
+    from pipelines.dag.estimate import format_plan
+    from pipelines.dag.spec import plan
+
+    if args.calibrate_steps < 4:
+        print("--calibrate-steps must be at least 4 (the first quarter is warm-up)", file=sys.stderr)
+        return EXIT_INVALID
+    reduced = calibration_config(config, steps=args.calibrate_steps)
+    code = run(reduced, args)
+    if code not in (0, 1):
+        return code
+    measured = record(config, calibrated=reduced, tracking_uri=config.pipeline.tracking.resolved_uri(), say=print)
+    print(format_plan(config, plan(config), measured=measured, price_per_gpu_hour=args.price_per_gpu_hour))
+    return code
 
 
 def run(config, args: argparse.Namespace) -> int:
@@ -76,7 +109,7 @@ def run(config, args: argparse.Namespace) -> int:
         print(f"run_pipeline: MLflow tracking unreachable, nothing submitted: {e}", file=sys.stderr)
         return EXIT_TRACKING
     try:
-        runner = DagRunner(config, address=args.address)
+        runner = DagRunner(config, address=args.address, verbose=args.verbose)
     except ValueError as e:  # a tracking URI the jobs may not get (spec.jobs_tracking_uri)
         print(f"run_pipeline: {e}", file=sys.stderr)
         return EXIT_INVALID
@@ -95,12 +128,31 @@ def run(config, args: argparse.Namespace) -> int:
         return EXIT_SIGTERM
     print(format_results(results), flush=True)
     if uri.startswith("http"):
-        print(f"MLflow UI: {uri}  (experiment {runner.experiment!r})")
+        print(mlflow_links(uri, experiment=runner.experiment, pipeline=config.pipeline.name,
+                           parent_run_id=runner.parent_run_id))
     for r in results:
         if "adherence_color" in r.metrics:
             print(f"{r.name}: prompt adherence {r.metrics['adherence_color']:.3f} (colour), "
                   f"{r.metrics.get('adherence_shape', float('nan')):.3f} (shape); grid {r.outputs['report']}/grid.png")
     return 0 if all(r.status in ("done", "skipped") for r in results) else 1
+
+
+def mlflow_links(uri: str, *, experiment: str, pipeline: str, parent_run_id: str | None) -> str:
+    """Where to look in the MLflow UI: the experiment's training runs, and the pipeline's run with the stage
+    comparison. `workflowType=machine_learning` makes MLflow 3's UI show the runs, not its GenAI traces,
+    whichever of the two views the browser used last."""
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return f"MLflow UI: {uri}  (experiment {experiment!r})"
+    base = f"{uri.rstrip('/')}/#/experiments/{exp.experiment_id}"
+    lines = [(f"MLflow UI: {base}/runs?workflowType=machine_learning  (experiment {experiment!r}: a run per "
+              "stage under the pipeline's run)")]
+    if parent_run_id:
+        lines.append(f"  stage comparison: run {pipeline!r} ({parent_run_id}), artifacts comparison/metrics.png "
+                     f"and stages.html: {base}/runs/{parent_run_id}/artifacts?workflowType=machine_learning")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

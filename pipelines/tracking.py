@@ -55,6 +55,8 @@ DAG_ERROR_TAG = "hdm.dag.error"
 DAG_OUTPUT_TAG = "hdm.output."  # + output name: a URI a dependent stage reads
 GATE_TAG = "hdm.gate"  # a stage's quality gate (pipelines/dag/gates.py): "passed: ..." or "failed: ..."
 METRICS_DROPPED_TAG = "hdm.metrics_dropped"  # metric points a worker's full buffer dropped during an outage
+# MLflow 3 opens an experiment on the tab its kind names (GenAI traces when untagged): ours are model training
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 PATIENCE_S = 300.0  # how long a call (or the final flush) waits for an unreachable server
 TEXT_SUFFIXES = (".log", ".txt", ".json", ".toml", ".yaml", ".yml")  # artifacts redacted before upload
@@ -364,7 +366,8 @@ def _open_run(client, tracking_uri: str, experiment: str, tags: Mapping[str, str
 
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp is not None else client.create_experiment(
-        experiment, artifact_location=_artifact_location(tracking_uri, experiment))
+        experiment, artifact_location=_artifact_location(tracking_uri, experiment),
+        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     found = _runs_tagged(client, exp_id, {STAGE_KEY: tags[STAGE_KEY]}, max_results=1)
     if not found:
         return client.create_run(exp_id, tags=dict(tags), run_name=run_name).info.run_id

@@ -3,9 +3,12 @@
 # cluster as a Ray job (`ray job submit`; the DAG then submits each stage as its own job), print where to
 # look. A second run skips the stages that finished. `make down` stops the services (by PID); the MLflow
 # store (.hdm/mlflow) and the outputs (runs/demo) stay.
+# The console shows a progress line per stage and the jobs' results; VERBOSE=1 every line of their logs
+# (each stage's full log is kept in runs/demo/_logs either way).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 config=${1:-pipelines/dag/configs/demo.toml}
+verbose=$([ -n "${VERBOSE:-}" ] && [ "${VERBOSE}" != 0 ] && echo 1 || true)
 PY=.venv/bin/python
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 NO_ALBUMENTATIONS_UPDATE=1 HF_HUB_OFFLINE=1
 
@@ -20,10 +23,10 @@ runtime_env=$($PY -c 'import json, sys; print(json.dumps({"env_vars": dict(zip(s
     NO_ALBUMENTATIONS_UPDATE 1 HF_HUB_OFFLINE 1)
 
 .venv/bin/ray job submit --address "$HDM_RAY_DASHBOARD" --working-dir . --runtime-env-json "$runtime_env" -- \
-    python jobs/run_pipeline.py "$config" --storage "$PWD/runs/demo"
+    python jobs/run_pipeline.py "$config" --storage "$PWD/runs/demo" ${verbose:+--verbose}
 
 echo
-echo "MLflow UI:   $MLFLOW_TRACKING_URI  (experiment 'demo': one parent run, a child run per stage)"
+echo "MLflow server: $MLFLOW_TRACKING_URI  (the experiment's runs: the 'MLflow UI' link above)"
 echo "Ray dashboard: $HDM_RAY_DASHBOARD"
 echo "Outputs:     $PWD/runs/demo   (stage logs in runs/demo/_logs)"
 echo "Stop the services with: make down"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TextIO
@@ -26,6 +27,7 @@ from pipelines.dag.compare import log_comparison
 from pipelines.dag.spec import (KINDS, DagConfig, StagePlan, experiment, job_config, jobs_tracking_uri, plan,
                                 storage_root)
 from pipelines.eval.metrics import EVAL_METRICS
+from pipelines.progress import StageConsole, duration
 from pipelines.secrets import redact_text
 from pipelines.storage import exists, resolve
 from pipelines.tracking import (CHECKPOINT_TAG, DAG_DIGEST_TAG, DAG_DONE_TAG, DAG_ERROR_TAG, DAG_KIND_TAG,
@@ -58,17 +60,20 @@ def log_dir_for(config: DagConfig) -> Path:
 
 
 class DagRunner:
-    def __init__(self, config: DagConfig, *, address: str | None = None, out: TextIO = sys.stdout):
+    def __init__(self, config: DagConfig, *, address: str | None = None, out: TextIO = sys.stdout,
+                 verbose: bool = False):
         self.config = config
         self.tracking_uri = config.pipeline.tracking.resolved_uri()
         jobs_tracking_uri(config, self.tracking_uri)  # ValueError now, not at the first tracked stage
         self.address = address or default_address()
         self.client = jobs.submission_client(self.address)
         self.out = out
+        self.verbose = verbose  # every line of the stage jobs' logs on the console, not just theirs
         self.experiment = experiment(config)
         self.log_dir = log_dir_for(config)
         self.job_id: str | None = None  # the stage job being followed now
         self._stage_run: StageRun | None = None  # its MLflow run
+        self.parent_run_id: str | None = None  # the pipeline's run, once open
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -85,6 +90,7 @@ class DagRunner:
         parent = StageRun.open(tracking_uri=self.tracking_uri, experiment=self.experiment,
                                stage_key=f"pipeline:{self.config.pipeline.name}", run_name=self.config.pipeline.name,
                                tags={DAG_KIND_TAG: "pipeline"})
+        self.parent_run_id = parent.run_id  # holds the stage comparison (jobs/run_pipeline.py links it)
         try:
             return self._run(stages, forced, parent)
         except (KeyboardInterrupt, Terminated):
@@ -164,6 +170,7 @@ class DagRunner:
         if not KINDS[stage.kind].tracked:
             run.log_params(data)
         log = self.log_dir / f"{stage.name}.log"
+        started = time.monotonic()
         status, message = self._follow(stage, data, log)
         run.log_artifact(log, "logs")
         self.job_id, self._stage_run = None, None
@@ -172,16 +179,16 @@ class DagRunner:
             run.finish("FAILED")
             self.say(f"[{stage.name}] FAILED ({message}); log: {log}")
             return StageResult(stage.name, "failed", log=str(log), message=message)
-        return self._done(stage, run, log)
+        return self._done(stage, run, log, took=time.monotonic() - started)
 
-    def _done(self, stage: StagePlan, run: StageRun, log: Path) -> StageResult:
+    def _done(self, stage: StagePlan, run: StageRun, log: Path, *, took: float) -> StageResult:
         outputs = stage.outputs()
         state = run.state()
         if stage.kind == "train":
             outputs["checkpoint"] = state.tags[CHECKPOINT_TAG]
         run.set_tags({**{DAG_OUTPUT_TAG + k: v for k, v in outputs.items()}, DAG_DONE_TAG: stage.digest})
         run.finish("FINISHED")
-        self.say(f"[{stage.name}] done: " + ", ".join(f"{k} {v}" for k, v in outputs.items()))
+        self.say(f"[{stage.name}] done in {duration(took)}: " + ", ".join(f"{k} {v}" for k, v in outputs.items()))
         return StageResult(stage.name, "done", outputs, _own_metrics(state.metrics), str(log))
 
     def _gate(self, stage: StagePlan, result: StageResult, results: dict[str, StageResult]) -> StageResult:
@@ -207,7 +214,8 @@ class DagRunner:
 
     def _follow(self, stage: StagePlan, data: dict, log: Path) -> tuple[str, str]:
         """Attach to the stage's job when one still runs, else submit the next attempt; stream its log (from
-        the job's start: the file holds each line once) to `log` and here; (final status, message)."""
+        the job's start: the file holds each line once) to `log`, and what a person reads of it
+        (pipelines/progress.py StageConsole) here; (final status, message)."""
         pipeline = self.config.pipeline.name
         running = jobs.active_job(self.client, pipeline, stage)
         if running is not None:
@@ -218,8 +226,12 @@ class DagRunner:
             self.job_id = jobs.submit(self.client, self.config, stage, data, attempt=attempt)
             self.say(f"[{stage.name}] submitted {KINDS[stage.kind].job} as Ray job {self.job_id}")
         log.parent.mkdir(parents=True, exist_ok=True)
+        console = StageConsole(stage.name, out=self.out, verbose=self.verbose, tty=self.out.isatty())
         with open(log, "w") as f:
-            jobs.tail(self.client, self.job_id, f, lambda line: self.say(f"[{stage.name}] {line}"))
+            try:
+                jobs.tail(self.client, self.job_id, f, console.feed)
+            finally:
+                console.close()
         info = self.client.get_job_info(self.job_id)
         return str(info.status), redact_text(f"Ray job {self.job_id} {info.status}: {(info.message or '').strip()}")
 

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import ray
 import torch
 
+from pipelines import progress
 from pipelines.cluster import epoch_batches, scaling
 from pipelines.config import S3Options
 from pipelines.data.images import TransformSpec
@@ -204,6 +205,8 @@ class VAEWorker:
                 print(f"[train-vae] step {step}/{cfg.steps} loss {loss.item():.4f} "
                       f"{step / elapsed:.1f} steps/s ETA {(cfg.steps - step) * elapsed / step / 60:.1f} min",
                       flush=True)
+                progress.emit(done=step, total=cfg.steps, unit="step", rate=step / elapsed,
+                              note=f"loss {loss.item():.4f}")
 
     def latent_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel latent mean and std over `cfg.stats_images` images of every worker (a collective)."""

@@ -25,7 +25,7 @@ import torch
 
 from hdm_model import checkpoint
 
-from pipelines import faults
+from pipelines import faults, progress
 from pipelines.config import S3Options
 from pipelines.secrets import redact
 from pipelines.storage import local_path
@@ -268,6 +268,8 @@ class StageLoop:
             print(f"[{name}] step {step}/{cfg.steps} loss {stats['loss']:.4f} "
                   f"{stats['samples_per_s']:.1f} samples/s data-wait {stats['data_wait']:.1%} "
                   f"ETA {eta / 60:.1f} min", flush=True)
+            progress.emit(done=step, total=cfg.steps, unit="step", rate=stats["steps_per_s"],
+                          note=f"loss {stats['loss']:.4f}")
 
     def maybe_sample(self) -> None:
         step = self.step.step

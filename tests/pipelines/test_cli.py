@@ -8,7 +8,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from pydantic import Field, field_validator
