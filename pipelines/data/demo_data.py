@@ -3,7 +3,7 @@
 Each image is one shape (circle, square, triangle) of one color at a random size and a random position near
 the centre (`spread`) on a plain background, captioned "a red circle on a white background". Shape colors are
 saturated and 60 degrees of hue apart; backgrounds are achromatic, so a shape's color never looks like a background
-(`pipelines.eval.adherence` relies on it). Some (color, shape, background) combinations never appear in the
+(`pipelines.eval.detector` relies on it). Some (color, shape, background) combinations never appear in the
 training images: their captions are the held-out prompts that test whether the model composes words it
 learned separately. Pure numpy + PIL, deterministic for a seed.
 
