@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test unit chaos bench demo down clean-venv
+.PHONY: venv test unit chaos slow bench demo down clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ unit: $(STAMP)
 # The chaos suite: every injected fault (docs/faults.md), the long ones included: about 13 minutes on 2 cores.
 chaos: $(STAMP)
 	$(PY) -m pytest -m chaos $(PYTEST_ARGS)
+
+# Every test too long for CI (marked `slow`): the long fault cases, calibrate, the detector on a trained demo VAE.
+slow: $(STAMP)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The README's main command: local Ray head node + MLflow server (infra/local/demo.sh), the demo DAG
 # submitted to it as a Ray job. A second `make demo` skips finished stages; `make down` stops the services.

@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--lr", type=float)
     ap.add_argument("--weight-decay", type=float)
     ap.add_argument("--grad-clip", type=float)
+    ap.add_argument("--ema-decay", type=float, help="save the moving average of the weights (e.g. 0.995)")
     ap.add_argument("--p-eq", type=float, help="probability of the equivariance transform per batch (0 = off)")
     ap.add_argument("--kl-weight", type=float)
     ap.add_argument("--pixel-loss", choices=["l1", "mse", "l1+mse"])

@@ -29,6 +29,8 @@ class VAETrainConfig(StrictModel):
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(0.1, gt=0)
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # the held-out metrics and the saved VAE use the moving
+                                                      # average of the weights; None: the last weights
     p_eq: float = Field(0.5, ge=0, le=1)  # probability that a batch gets the scale + rotation transform
     kl_weight: float = Field(1e-6, ge=0)
     pixel_loss: Literal["l1", "mse", "l1+mse"] = "l1"

@@ -1,7 +1,8 @@
 """EQ-VAE fine-tuning (or training from scratch) on Ray Train (eqvae_spec.md).
 
     images (the precompute job's readers) -> decode, resize short side to S (Ray Data tasks)
-      -> Ray Train workers (DDP; gloo on CPU): random S x S crops + flips, EQ-VAE objective, AdamW
+      -> Ray Train workers (DDP; gloo on CPU): random S x S crops + flips, EQ-VAE objective, AdamW (and an
+         EMA of the weights, which then replaces them)
       -> rank 0: held-out PSNR and equivariance error before/after, reconstruction grids (MLflow),
          per-channel latent mean/std written into the config, save_pretrained to the output URI.
 
@@ -34,7 +35,7 @@ from pipelines.storage import resolve, upload
 from pipelines.tracking import INPUT_TAG, STAGE_TAG, STAGE_VAE, VAE_OUTPUT_TAG, StageRun
 from pipelines.train.config import VAETrainConfig
 from pipelines.train.harness import WorkerContext, fit, quiet_progress_bars, seed_init
-from pipelines.train.step import apply_gradients, unwrap
+from pipelines.train.step import EMA, apply_gradients, unwrap
 
 FIXED_TRANSFORMS = [(0.5, 0), (0.75, 1), (1.0, 1), (1.0, 2), (0.625, 3)]  # (scale, quarter turns) for eval
 
@@ -153,6 +154,7 @@ class VAEWorker:
         self.vae = unwrap(self.objective).vae
         self.params = [p for p in self.vae.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.vae, cfg.ema_decay) if cfg.ema_decay else None
         self.held_out = torch.from_numpy(held_out).to(device)
         self.shard = worker.dataset_shard("train")
         # this rank's draws: crops and flips (numpy), the objective's transforms and posterior samples (torch)
@@ -188,6 +190,8 @@ class VAEWorker:
                     break
             if seen == 0:
                 raise RuntimeError(f"no training batch of {cfg.batch_size} images per worker: too few usable inputs")
+        if self.ema is not None:  # from here on (metrics, latent statistics, the saved VAE) the average is the VAE
+            self.vae.load_state_dict(self.ema.shadow)
         return step
 
     def train_step(self, batch: dict[str, np.ndarray], *, step: int) -> None:
@@ -197,6 +201,8 @@ class VAEWorker:
         loss, parts = self.objective(x, self.gen)
         loss.backward()
         grad_norm = apply_gradients(self.params, self.opt, grad_clip=cfg.grad_clip)
+        if self.ema is not None:
+            self.ema.update(self.vae)
         if step % cfg.log_every == 0 or step == cfg.steps:
             self.run.log_metrics({**{f"train/{k}": v for k, v in parts.items()},
                                   "train/grad_norm": float(grad_norm)}, step=step)
