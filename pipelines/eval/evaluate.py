@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipelines import progress
 from pipelines.config import S3Options, StrictModel, TrackingOptions
 from pipelines.eval import metrics as names
 from pipelines.tracking import EVALUATED_TAG, STAGE_EVALUATE, STAGE_TAG, StageRun
@@ -173,11 +175,28 @@ def _is_demo_caption(prompt: str) -> bool:
     return True
 
 
+class ImageProgress:
+    """The job's progress lines: images sampled out of `total`, with their rate."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def add(self, count: int) -> None:
+        self.done += count
+        progress.emit(done=self.done, total=self.total, unit="image",
+                      rate=self.done / max(time.monotonic() - self.start, 1e-9))
+
+
 def evaluate_point(config: EvaluateConfig, *, pipe: HDMPipeline, judges: Judges, prompts: list[str], cfg: float,
-                   uncond_tread: float) -> PointResult:
-    """Sample every prompt with every seed once with the loaded pipeline, and compute every enabled metric."""
-    images = pipe(prompts, width=config.width, height=config.height, steps=config.steps, cfg_scale=cfg,
-                  seeds=config.seeds, uncond_tread_rate=uncond_tread, batch_size=config.batch_size)
+                   uncond_tread: float, sampled: ImageProgress | None = None) -> PointResult:
+    """Sample every prompt with every seed once with the loaded pipeline (a progress line per prompt), and
+    compute every enabled metric."""
+    images: list[Image.Image] = []
+    for prompt in prompts:  # each prompt is drawn on its own: a call per prompt draws the same images
+        images += pipe([prompt], width=config.width, height=config.height, steps=config.steps, cfg_scale=cfg,
+                       seeds=config.seeds, uncond_tread_rate=uncond_tread, batch_size=config.batch_size)
+        if sampled is not None:
+            sampled.add(len(config.seeds))
     pairs = [p for p in prompts for _ in config.seeds]  # prompt-major, as the pipeline draws them
     rows = [{"prompt": p, "seed": s} for p in prompts for s in config.seeds]
     result = PointResult(cfg=cfg, uncond_tread=uncond_tread, metrics={}, images=images, rows=rows)
@@ -254,8 +273,12 @@ def run_evaluation(config: EvaluateConfig) -> EvaluationSummary:
 def _evaluate(config: EvaluateConfig, *, run: StageRun, pipe: HDMPipeline, judges: Judges, prompts: list[str],
               checkpoint: str) -> tuple[PointResult, SweepResult | None]:
     """One point at the config's settings, or the sweep (each point's images under out/sweep/<index>/)."""
+    points_total = 1 if config.sweep is None else len(config.sweep.cfg) * len(config.sweep.uncond_tread)
+    sampled = ImageProgress(len(prompts) * len(config.seeds) * points_total)
+
     def at(cfg: float, uncond_tread: float) -> PointResult:
-        return evaluate_point(config, pipe=pipe, judges=judges, prompts=prompts, cfg=cfg, uncond_tread=uncond_tread)
+        return evaluate_point(config, pipe=pipe, judges=judges, prompts=prompts, cfg=cfg, uncond_tread=uncond_tread,
+                              sampled=sampled)
 
     if config.sweep is None:
         return at(config.cfg, config.uncond_tread), None

@@ -17,6 +17,7 @@ from jobs import sample as sample_job
 from pipelines.config import S3Options
 from pipelines.data.demo_data import write_demo_data
 from pipelines.eval import metrics as names
+from pipelines import progress
 from pipelines.eval.evaluate import EvaluateConfig, run_evaluation
 from pipelines.eval.sampling import SampleConfig, run_sampling
 from pipelines.eval.sweep import SweepGrid, run_sweep, write_sampling_defaults
@@ -25,6 +26,7 @@ from pipelines.storage import read_bytes, resolve, upload
 from tests.tiny_models import make_tiny_text_encoder, make_tiny_vae, write_tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+SEEDS = 1  # TINY samples each prompt with one seed
 TINY = ["--seed", "0", "--width", "32", "--height", "32", "--steps", "2", "--device", "cpu"]
 
 
@@ -115,6 +117,11 @@ def test_evaluate_sweep_writes_the_best_point_and_sampling_uses_it(setup, tmp_pa
                               "--mlflow-uri", setup["uri"], "--experiment", "sweep"])
     printed = capsys.readouterr()
     assert code == 0, printed.out + printed.err
+    # a progress line per prompt and point, counting every image of the sweep (pipelines/progress.py)
+    lines = [p for p in map(progress.parse, printed.out.splitlines()) if p is not None]
+    prompts = len(setup["prompts"].read_text().splitlines())
+    assert [p.done for p in lines] == [n * SEEDS for n in range(1, 4 * prompts + 1)]
+    assert {(p.total, p.unit) for p in lines} == {(4 * prompts * SEEDS, "image")}
     points = json.loads((out / "sweep.json").read_text())["points"]
     assert [(p["cfg"], p["uncond_tread"]) for p in points] == [(1.5, 0.0), (1.5, 0.4), (3.0, 0.0), (3.0, 0.4)]
     best = best_of(points, names.ADHERENCE_COLOR)
