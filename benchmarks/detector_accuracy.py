@@ -58,8 +58,10 @@ def eval_cases(folder: Path):
 
     results = next(folder / name for name in ("evaluation.json", "adherence.json") if (folder / name).exists())
     rows = json.loads(results.read_text())["images"]
-    return [(np.asarray(Image.open(folder / row["image"]).convert("RGB")), Scene.from_caption(row["prompt"]))
-            for row in rows]
+    # adherence.json named each row's file; evaluation.json's rows follow the files' order (NNNN-pPP-sS.png)
+    files = [row["image"] for row in rows] if "image" in rows[0] else sorted(p.name for p in folder.glob("[0-9]*.png"))
+    return [(np.asarray(Image.open(folder / name).convert("RGB")), Scene.from_caption(row["prompt"]))
+            for name, row in zip(files, rows, strict=True)]
 
 
 def newest(pattern: str) -> str | None:

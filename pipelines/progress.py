@@ -4,7 +4,9 @@ A job prints machine-readable progress lines (`emit`), one owner of the format:
 
     hdm-progress {"done": 100, "total": 400, "unit": "step", "rate": 2.1, "note": "loss 0.41"}
 
-(`rate`, units per second measured by the job, and `note` are optional; `total` is null when unknown). The DAG
+(`rate`, units per second measured by the job, and `note` are optional; `total` is null when unknown). A job
+whose work runs in other processes (Ray Data actors, img2dataset's) reports from its driver with a `Reporter`
+thread that polls a count every few seconds. The DAG
 runner feeds every line of a stage's job log to a `StageConsole`, which keeps the console readable: progress
 lines become one line per stage with its rate and ETA (updated in place with \\r on a terminal, else at most one
 line per tenth of the total or per 30 s); Ray's own chatter (its loggers, Ray Data's execution plans and
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -64,6 +67,58 @@ def progress_line(*, done: int, total: int | None, unit: str, rate: float | None
 def emit(*, done: int, total: int | None, unit: str, rate: float | None = None, note: str = "") -> None:
     """Print a progress line (flushed: Ray streams the job's stdout as it comes)."""
     print(progress_line(done=done, total=total, unit=unit, rate=rate, note=note), flush=True)
+
+
+class Reporter:
+    """A driver thread that emits what `poll()` returns, `(done, total)`, every `every_s` seconds when it
+    changed, with the rate since it started (start-up included: an ETA that errs long, never short):
+    `with Reporter(poll, unit="image"): work()`. A clean exit emits a last line; an exception stops the
+    thread without one (the job's error says the rest); a poll that raises ends the lines, never the job."""
+
+    def __init__(self, poll: Callable[[], tuple[int, int | None]], *, unit: str, every_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.poll, self.unit, self.every_s, self.clock = poll, unit, every_s, clock
+        self.start: tuple[float, int] | None = None  # (time, done) of the first poll
+        self.last: tuple[int, int | None] | None = None  # the last (done, total) emitted
+        self.failed = False  # a poll raised: no more lines
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="hdm-progress", daemon=True)
+
+    def __enter__(self) -> Reporter:
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        self.stop.set()
+        self.thread.join()
+        if exc_type is None and not self.failed:
+            self._try_report(final=True)
+
+    def _run(self) -> None:
+        if self._try_report():
+            while not self.stop.wait(self.every_s) and self._try_report():
+                pass
+
+    def _try_report(self, *, final: bool = False) -> bool:
+        try:
+            self.report(final=final)
+            return True
+        except Exception as e:  # noqa: BLE001 - a failed poll costs the progress lines, never the job
+            print(f"progress reporting stopped: {type(e).__name__}: {e}", flush=True)
+            self.failed = True
+            return False
+
+    def report(self, *, final: bool = False) -> None:
+        """Poll and emit (unless nothing changed since the last line, before the final one)."""
+        done, total = self.poll()
+        now = self.clock()
+        if self.start is None:
+            self.start = (now, done)
+        if (done, total) == self.last and not final:
+            return
+        self.last = (done, total)
+        t0, done0 = self.start
+        emit(done=done, total=total, unit=self.unit, rate=(done - done0) / (now - t0) if now > t0 else None)
 
 
 def parse(line: str) -> Progress | None:

@@ -1,19 +1,25 @@
 """Latent precompute as a Ray Data job: read -> decode/validate/resize -> [caption] -> VAE encode -> write.
 
 The stages are in pipelines/data/stages.py; here the job that wires them: the output's lease (one writer),
-resume by key and source sha256, the manifest and its guards, the finishing dedupe pass, the summary.
+resume by key and source sha256, the manifest and its guards, the finishing dedupe pass, the summary, and the
+progress lines (inputs written out of those to do, as the write tasks report them to a counter actor).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow.parquet as pq
 import ray
+from ray.data.block import BlockAccessor
 
+from pipelines import progress
 from pipelines.data.attempts import JournalSpec, ray_retry_args
 from pipelines.data.attempts import clear as clear_journal
 from pipelines.data.config import PrecomputeConfig
@@ -91,9 +97,16 @@ def _precompute(config: PrecomputeConfig, out_fs, out_root: str, lease: Lease) -
 
     summary = PrecomputeSummary(output=config.output, inputs_listed=len(units), hidden_skipped=listing.hidden)
     if units:
-        sink = LatentDatasink(out_fs, out_root, config.rows_per_file)
-        _build_dataset(config, in_fs, units, listing.format, done, spec, journal).write_datasink(
-            sink, ray_remote_args={"num_cpus": 0.5})
+        counter = WrittenCounter.remote()
+        sink = CountingDatasink(out_fs, out_root, config.rows_per_file, counter=counter)
+        poll = written_progress(counter, total=lambda: inputs_to_do(in_fs, listing.format, units, done,
+                                                                    limit=config.limit))
+        try:
+            with progress.Reporter(poll, unit="image"):
+                _build_dataset(config, in_fs, units, listing.format, done, spec, journal).write_datasink(
+                    sink, ray_remote_args={"num_cpus": 0.5})
+        finally:
+            ray.kill(counter)
         summary.rows = {int(r): n for r, n in sink.stats["rows"].items()}
         summary.errors = dict(sink.stats["errors"])
 
@@ -105,6 +118,78 @@ def _precompute(config: PrecomputeConfig, out_fs, out_root: str, lease: Lease) -
     write_manifest(out_fs, out_root, {**manifest, **summary.totals, "last_run": summary.last_run(),
                                       "status": "complete"})
     return summary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Progress: the write tasks count what they wrote, the driver polls the count (pipelines/progress.py)
+
+@ray.remote(num_cpus=0)
+class WrittenCounter:
+    """Inputs whose rows (latents or errors) the write tasks have written."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, count: int) -> None:
+        self.count += count
+
+    def get(self) -> int:
+        return self.count
+
+
+class CountingDatasink(LatentDatasink):
+    """LatentDatasink that tells a WrittenCounter how many inputs (distinct keys) each write finished. A key's
+    rows come out of one encoder batch together and Ray Data bundles whole blocks, so a key is one write's."""
+
+    def __init__(self, fs, root: str, rows_per_file: int, *, counter):
+        super().__init__(fs, root, rows_per_file)
+        self.counter = counter
+
+    def write(self, blocks, ctx) -> dict:
+        # an empty block may have no columns at all
+        tables = [t for t in (BlockAccessor.for_block(b).to_arrow() for b in blocks) if t.num_rows]
+        stats = super().write(tables, ctx)
+        self.counter.add.remote(len({key for t in tables for key in t["key"].to_pylist()}))
+        return stats
+
+
+def written_progress(counter, *, total: Callable[[], int | None]) -> Callable[[], tuple[int, int | None]]:
+    """The driver's poll for progress.Reporter: (inputs written, inputs to do). `total` runs once, on the first
+    poll, in the reporter's thread: reading shard footers need not hold up the job."""
+    total = functools.cache(total)
+
+    def poll() -> tuple[int, int | None]:
+        done, to_do = ray.get(counter.get.remote(), timeout=60), total()
+        return done, None if to_do is None else max(to_do, done)  # a retried write counts its keys again
+    return poll
+
+
+def inputs_to_do(fs, fmt: str, units: list[Unit], done: dict[int, dict[str, str | None]], *,
+                 limit: int | None) -> int | None:
+    """Inputs this run will write, as far as the listing tells: a folder's files, or the rows of the shards'
+    parquet footers (img2dataset's parquet, or a tar's metadata .parquet, which lists every sample), less the
+    keys done at every resolution (read again but dropped unless their bytes changed); None when a tar has no
+    metadata .parquet."""
+    everywhere = set.intersection(*(set(keys) for keys in done.values()))
+    if fmt == "folder":
+        count = sum(unit.key not in everywhere for unit in units)
+    else:
+        rows = [_footer_rows(fs, unit.path if unit.kind == "parquet" else unit.sidecar) for unit in units]
+        if None in rows:
+            return None
+        count = max(0, sum(rows) - len(everywhere))
+    return count if limit is None else min(count, limit)
+
+
+def _footer_rows(fs, path: str) -> int | None:
+    """Rows of a parquet file by its footer; 1 when it cannot be read (the shard becomes one error row)."""
+    if not path:
+        return None
+    try:
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    except Exception:  # noqa: BLE001 - the job reports the broken shard; here it is one input
+        return 1
 
 
 def _checked_manifest(config: PrecomputeConfig, spec: TransformSpec, out_fs, out_root: str, *,
@@ -220,4 +305,4 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
                           **actors_retry)
 
 
-__all__ = ["run_precompute", "PrecomputeSummary", "ManifestMismatch", "default_encoders"]
+__all__ = ["run_precompute", "PrecomputeSummary", "ManifestMismatch", "default_encoders", "inputs_to_do"]

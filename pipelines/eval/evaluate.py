@@ -348,17 +348,13 @@ def _settings(config: EvaluateConfig, point: PointResult) -> dict[str, Any]:
 
 
 def _write_images(point: PointResult, out: Path, *, seeds: list[int]) -> Path:
-    """Every image as `<out>/<index>-p<prompt>-s<seed>.png` (jobs/sample.py's names, each with its generation
-    parameters) and grid.png (rows = prompts, columns = seeds); sets and returns `point.grid`."""
-    from hdm_model import make_grid, save_png
+    """The point's images and grid.png as jobs/sample.py writes them (sampling.write_images); sets and returns
+    `point.grid`."""
+    from pipelines.eval.sampling import write_images
 
-    n = len(seeds)
-    for i, image in enumerate(point.images):
-        save_png(image, out / f"{i:04d}-p{i // n:02d}-s{seeds[i % n]}.png")
-    parameters = {"layout": "rows = prompts, columns = seeds", "seeds": seeds,
-                  "prompts": list(dict.fromkeys(r["prompt"] for r in point.rows)),
-                  "images": [json.loads(image.info["parameters"]) for image in point.images]}
-    point.grid = Path(save_png(make_grid(point.images, cols=n), out / "grid.png", parameters=parameters))
+    prompts = [row["prompt"] for row in point.rows[::len(seeds)]]  # rows are prompt-major
+    _, grid = write_images(point.images, out, prompts=prompts, seeds=seeds, grid=True)
+    point.grid = Path(grid)
     return point.grid
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from PIL import Image
 from pydantic import Field, field_validator, model_validator
 
 from hdm_model import Camera, HDMPipeline, checkpoint, make_grid, save_png
@@ -87,16 +88,24 @@ def run_sampling(config: SampleConfig) -> SampleSummary:
                       camera=Camera(zoom=config.zoom, x_shift=config.x_shift, y_shift=config.y_shift),
                       cond_tread_rate=config.cond_tread, uncond_tread_rate=config.uncond_tread,
                       batch_size=config.batch_size)
-    out, n = Path(config.out), len(config.seeds)
     summary = SampleSummary(source=pipe.source, guidance=describe_guidance(pipe, config))
-    for i, image in enumerate(images):
-        path = out / f"{i:04d}-p{i // n:02d}-s{config.seeds[i % n]}.png"
-        summary.images.append(str(save_png(image, path)))
-    if config.grid:
-        parameters = {"layout": "rows = prompts, columns = seeds", "prompts": config.prompts, "seeds": config.seeds,
-                      "images": [json.loads(image.info["parameters"]) for image in images]}
-        summary.grid = str(save_png(make_grid(images, cols=n), out / "grid.png", parameters=parameters))
+    summary.images, summary.grid = write_images(images, Path(config.out), prompts=config.prompts, seeds=config.seeds,
+                                                grid=config.grid)
     return summary
+
+
+def write_images(images: list[Image.Image], out: Path, *, prompts: list[str], seeds: list[int],
+                 grid: bool) -> tuple[list[str], str | None]:
+    """Every image (prompt-major, as HDMPipeline draws them) as `<out>/<i>-p<prompt>-s<seed>.png` with its
+    generation parameters, and with `grid` grid.png (rows = prompts, columns = seeds, every image's
+    parameters): (the image paths, the grid's path or None)."""
+    n = len(seeds)
+    paths = [str(save_png(image, out / f"{i:04d}-p{i // n:02d}-s{seeds[i % n]}.png")) for i, image in enumerate(images)]
+    if not grid:
+        return paths, None
+    parameters = {"layout": "rows = prompts, columns = seeds", "prompts": prompts, "seeds": seeds,
+                  "images": [json.loads(image.info["parameters"]) for image in images]}
+    return paths, str(save_png(make_grid(images, cols=n), out / "grid.png", parameters=parameters))
 
 
 def describe_guidance(pipe: HDMPipeline, config: SampleConfig) -> str:

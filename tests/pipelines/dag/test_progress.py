@@ -120,6 +120,37 @@ def test_progress_on_a_terminal_updates_in_place():
                               "\r" + "vae        20/40 steps  5.0 steps/s  ETA 4s".ljust(79) + "\n[vae] vae: saved\n")
 
 
+def test_reporter_emits_changes_with_its_rate_and_a_last_line(capsys):
+    counts, clock = iter([(0, 40), (0, 40), (10, 40), (30, 40), (40, 40)]), Clock()
+    reporter = progress.Reporter(lambda: next(counts), unit="image", clock=clock)
+    for t in (0, 5, 10, 15):  # what the thread does every `every_s`
+        clock.t = t
+        reporter.report()
+    clock.t = 20
+    reporter.report(final=True)
+    lines = [progress.parse(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(p.done, p.total) for p in lines] == [(0, 40), (10, 40), (30, 40), (40, 40)]  # (0, 40) once
+    assert [p.rate for p in lines] == [None, 1.0, 2.0, 2.0]  # since the first poll, start-up included
+
+
+def test_reporter_thread_ends_with_its_block_and_survives_a_failing_poll(capsys):
+    with progress.Reporter(lambda: (1, 2), unit="url", every_s=0.01) as reporter:
+        pass
+    assert not reporter.thread.is_alive()
+    assert [progress.parse(line).done for line in capsys.readouterr().out.splitlines()] == [1, 1]  # first, last
+    with pytest.raises(KeyError):
+        with progress.Reporter(lambda: (1, None), unit="url") as reporter:
+            raise KeyError("the job failed")
+    assert not reporter.thread.is_alive()
+    assert len(capsys.readouterr().out.splitlines()) == 1  # no last line after an error
+
+    def broken() -> tuple[int, int | None]:
+        raise OSError("listing failed")
+    with progress.Reporter(broken, unit="url") as reporter:
+        pass  # the job goes on: a poll that fails costs its progress lines only
+    assert capsys.readouterr().out.splitlines() == ["progress reporting stopped: OSError: listing failed"]
+
+
 @pytest.mark.integration
 def test_experiments_we_create_open_on_training_runs(mlflow_server):
     from mlflow import MlflowClient

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from hdm_model import LatentVAE
+from pipelines import progress
 from pipelines.config import S3Options
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.images import TransformSpec, decode_image, resize_for_resolution
@@ -50,6 +51,11 @@ def job_args(input: str, output: str, vae: Path, *extra: str) -> list[str]:
             "--max-pixels", str(MAX_PIXELS), "--batch-size", "4", *extra]
 
 
+def progress_of(output: str) -> list[tuple[int, int | None]]:
+    """(done, total) of the job's progress lines (pipelines/progress.py), in order."""
+    return [(p.done, p.total) for p in map(progress.parse, output.splitlines()) if p is not None and p.unit == "image"]
+
+
 def check_counts(fs, root: str, expected_keys: dict[int, set[str]], n_inputs: int) -> dict:
     """rows + errors = inputs at every resolution; each key once; returns rows and errors by key."""
     errors = read_parts(fs, f"{root}/errors")
@@ -70,6 +76,9 @@ def test_folder_job_via_ray_job_submit(ray_cluster, vae_dir, tmp_path):
     result = ray_job_submit(ray_cluster, job_args(str(tmp_path / "images"), str(tmp_path / "latents"), vae_dir))
     assert result.returncode == 0, result.output[-4000:]
     assert "rows written this run: res=32: 13, res=64: 12" in result.output
+    lines = progress_of(result.output)  # every input written, as latents or errors, of the listing's count
+    assert lines[-1] == (len(selected), len(selected)) and {t for _, t in lines} == {len(selected)}, lines
+    assert [d for d, _ in lines] == sorted(d for d, _ in lines)
     fs = pafs.LocalFileSystem()
     root = str(tmp_path / "latents")
     ok = {res: {c.name for c in selected if c.expected[res] is None} for res in RES}
@@ -196,7 +205,7 @@ def test_img2dataset_output_as_input(ray_driver, vae_dir, http_images, tmp_path,
     assert all(r["caption_source"] == "input" for r in rows)
 
 
-def test_resume_writes_each_key_once(ray_driver, vae_dir, tmp_path):
+def test_resume_writes_each_key_once(ray_driver, vae_dir, tmp_path, capsys):
     by_name = {c.name: c for c in cases()}
     first = [by_name[n] for n in ("rgb.jpg", "gray.png", "small.png")]
     all_cases = first + [by_name[n] for n in ("cmyk.jpg", "empty.jpg", "palette.png")]
@@ -205,15 +214,18 @@ def test_resume_writes_each_key_once(ray_driver, vae_dir, tmp_path):
                   vae=str(vae_dir), max_pixels=MAX_PIXELS, batch_size=4)
     s1 = run_in_process(**fields)
     assert s1.rows == {SMALL: 3, LARGE: 2} and s1.errors == {"too_small": 1}
+    assert progress_of(capsys.readouterr().out)[-1] == (3, 3)
     write_folder(tmp_path / "images", all_cases)
     s2 = run_in_process(**fields)
     assert s2.inputs_listed == 6  # files with a latent are read again (their sha256 compared), written only if new
+    assert progress_of(capsys.readouterr().out)[-1] == (3, 3)  # the progress counts the 3 new files only
     assert s2.rows == {SMALL: 2, LARGE: 2} and s2.errors == {"empty_file": 1}
     assert (s2.recomputed, s2.duplicates_removed) == (0, 0)
     ok = {res: {c.name for c in all_cases if c.expected[res] is None} for res in RES}
     check_counts(pafs.LocalFileSystem(), str(tmp_path / "latents"), ok, len(all_cases))
     s3 = run_in_process(**fields)
     assert s3.inputs_listed == 5 and s3.rows == {}  # empty.jpg failed at every resolution: not read again
+    assert set(progress_of(capsys.readouterr().out)) == {(0, 0)}
 
 
 def test_changed_source_is_recomputed_once(ray_driver, vae_dir, tmp_path):

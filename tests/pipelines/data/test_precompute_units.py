@@ -8,13 +8,14 @@ import time
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipelines.cluster import CoreShare, cpu_marks
 from pipelines.data.images import TransformSpec
 from pipelines.data.latent_store import ReasonCode
-from pipelines.data.precompute import default_encoders
+from pipelines.data.precompute import default_encoders, inputs_to_do
 from pipelines.data.sources import Unit
 from pipelines.data.stages import STREAM_SCHEMA, PrepareStage, ReadStage
 
@@ -30,6 +31,24 @@ from pipelines.data.stages import STREAM_SCHEMA, PrepareStage, ReadStage
 ])
 def test_default_encoders(resources, gpus, captioners, blocks, expected):
     assert default_encoders(resources, gpus, cpu_captioners=captioners, blocks=blocks) == expected
+
+
+def test_inputs_to_do_is_the_progress_total(tmp_path):
+    """The total of the job's progress lines: inputs less keys done at every resolution (an error stays done);
+    shards by their parquet footers, a broken one as one input; unknown for a tar without its metadata."""
+    fs = pafs.LocalFileSystem()
+    done = {32: {"a": "sha", "b": None, "c": "sha"}, 64: {"a": "sha", "c": None}}  # a and c done everywhere
+    files = [Unit("file", f"/in/{k}", key=k) for k in "abcd"]
+    assert inputs_to_do(fs, "folder", files, done, limit=None) == 2
+    assert inputs_to_do(fs, "folder", files, done, limit=1) == 1
+    for name, rows in (("0.parquet", 3), ("1.parquet", 2)):
+        pq.write_table(pa.table({"key": [f"{name}{i}" for i in range(rows)]}), tmp_path / name)
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    shards = [Unit("parquet", str(tmp_path / n)) for n in ("0.parquet", "1.parquet", "broken.parquet")]
+    assert inputs_to_do(fs, "parquet", shards, done, limit=None) == 3 + 2 + 1 - 2
+    tars = [Unit("tar", str(tmp_path / "0.tar"), sidecar=str(tmp_path / "0.parquet"))]
+    assert inputs_to_do(fs, "webdataset", tars, {32: {}}, limit=None) == 3
+    assert inputs_to_do(fs, "webdataset", [*tars, Unit("tar", str(tmp_path / "1.tar"))], done, limit=None) is None
 
 
 def test_core_share_takes_the_cores_the_rest_of_the_node_leaves_idle():
