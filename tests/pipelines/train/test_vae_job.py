@@ -98,3 +98,25 @@ def test_p_eq_reaches_the_jobs_training(ray_driver, images, tmp_path):
         assert [m.step for m in history] == [5, 10, 15, 20]
         assert {m.value for m in history} == {p_eq}, p_eq
         assert summary.metrics["after/eq_error"] > 0
+
+
+def test_the_moving_average_replaces_the_weights(ray_driver, images, tmp_path):
+    """With --ema-decay the saved VAE and the held-out "after" metrics are the average's: a decay so close to 1
+    that the average cannot leave the initial weights saves the seed's initial VAE (and scores it as before
+    training), while the same 20 steps without it move every layer."""
+    from hdm_model.eqvae import build_vae
+
+    common = {**eq_term_fields(images, tmp_path, seed=3, torch_threads=1), "steps": 20, "log_every": 5}
+    averaged = _train(output=str(tmp_path / "ema"), ema_decay=1 - 1e-9, **common)
+    last = _train(output=str(tmp_path / "last"), **common)
+    torch.manual_seed(3)  # the job's seed_init, then the named config: the weights training started from
+    initial = build_vae("tiny").state_dict()
+
+    def largest_change(folder: str) -> float:
+        saved = LatentVAE.from_pretrained(folder).vae.state_dict()
+        return max(float((saved[k] - v).abs().max()) for k, v in initial.items())
+
+    assert largest_change(averaged.output) < 1e-5
+    assert largest_change(last.output) > 1e-2
+    assert averaged.metrics["after/psnr"] == pytest.approx(averaged.metrics["before/psnr"], abs=1e-3)
+    assert last.metrics["after/psnr"] != pytest.approx(last.metrics["before/psnr"], abs=1e-3)
