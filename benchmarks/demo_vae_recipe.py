@@ -1,13 +1,14 @@
 """Draws of the demo VAE's recipe (demo.toml's `vae` stage) outside Ray: how alike independent runs are.
 
 Each draw renders the demo's training images with its own seed, trains the VAE in this process with the job's
-own pieces (pipelines.train.eqvae.to_images crops, hdm_model.eqvae.eq_vae_loss, AdamW, clipping, the EMA of
+own pieces (pipelines.train.eqvae.training_images: crops, every Nth step whole images; hdm_model.eqvae.eq_vae_loss, AdamW, clipping, the EMA of
 pipelines.train.step), then prints held-out PSNR (16 centre 32 px crops, as the job measures it) and how often
 the demo detector reads the right colour and shape on reconstructions of every colour x shape x background at
 64 and 32 px, for the last weights and for their moving average. One thread per draw; two draws at a time.
 
     .venv/bin/python benchmarks/demo_vae_recipe.py --seeds 0 1 2 3                # ~3-4 min per pair on 2 cores
-    .venv/bin/python benchmarks/demo_vae_recipe.py --seeds 0 1 --lr 3e-3 --steps 1750     # the recipe before
+    .venv/bin/python benchmarks/demo_vae_recipe.py --seeds 0 1 --whole-image-every 0      # crops only
+    .venv/bin/python benchmarks/demo_vae_recipe.py --seeds 0 1 --lr 3e-3 --steps 1750     # an older recipe
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ def draw(seed: int, args: argparse.Namespace) -> dict:
 
     from hdm_model.eqvae import EQConfig, build_vae, eq_vae_loss, psnr, reconstruct
     from pipelines.data.demo_data import render, split_scenes
-    from pipelines.train.eqvae import to_images
+    from pipelines.train.config import VAETrainConfig
+    from pipelines.train.eqvae import to_images, training_images
     from pipelines.train.step import EMA
     from tests.pipelines.eval.detector_cases import clean_cases, reconstructed
     from tests.pipelines.eval.test_detector import accuracy
@@ -47,6 +49,9 @@ def draw(seed: int, args: argparse.Namespace) -> dict:
     def rows(batch):
         return {"pixels": [i.tobytes() for i in batch], "h": [64] * len(batch), "w": [64] * len(batch)}
 
+    cfg = VAETrainConfig(input="unused", output="unused", crop_size=args.crop_size, image_size=64,
+                         min_scale=RECIPE["min_scale"], batch_size=args.batch_size,
+                         whole_image_every=args.whole_image_every)
     held_out, train = to_images(rows(images[:16]), args.crop_size, None), images[16:]
     torch.manual_seed(seed)
     vae = build_vae(RECIPE["vae"], norm_num_groups=args.norm_groups)
@@ -54,11 +59,10 @@ def draw(seed: int, args: argparse.Namespace) -> dict:
     ema = EMA(vae, args.ema_decay)
     objective = EQConfig(p_eq=RECIPE["p_eq"], pixel_loss=RECIPE["pixel_loss"])
     gen, order = torch.Generator().manual_seed(seed), []
-    for _ in range(args.steps):
+    for step in range(1, args.steps + 1):
         if len(order) < args.batch_size:
             order = list(rng.permutation(len(train))) + order
-        x = to_images(rows([train[order.pop()] for _ in range(args.batch_size)]), args.crop_size, rng,
-                      RECIPE["min_scale"])
+        x = training_images(rows([train[order.pop()] for _ in range(args.batch_size)]), cfg, rng, step=step)
         loss, _ = eq_vae_loss(vae, x, objective, generator=gen)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), RECIPE["grad_clip"])
@@ -86,6 +90,8 @@ def main() -> None:
     ap.add_argument("--ema-decay", type=float, default=RECIPE["ema_decay"])
     ap.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     ap.add_argument("--crop-size", type=int, default=RECIPE["crop_size"])
+    ap.add_argument("--whole-image-every", type=int, default=RECIPE.get("whole_image_every", 0),
+                    help="every Nth step whole 64 px images instead of crops (0: never)")
     ap.add_argument("--norm-groups", type=int, default=8, help="GroupNorm groups of the tiny VAE (its config: 8)")
     args = ap.parse_args()
     print(json.dumps({"recipe": {k: v for k, v in vars(args).items() if k != "seeds"}}))

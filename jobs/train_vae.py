@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
     ap.add_argument("--image-size", type=int,
                     help="short side images are resized to before cropping (default: crop size)")
     ap.add_argument("--min-scale", type=float, help="shrink each sample by a random factor in [MIN_SCALE, 1] first")
+    ap.add_argument("--whole-image-every", type=int,
+                    help="every Nth step trains on whole --image-size images instead of crops (default 0: never)")
     ap.add_argument("--train", choices=["both", "encoder", "decoder"], help="which parts train (default both)")
     ap.add_argument("--steps", type=int)
     ap.add_argument("--batch-size", type=int, help="images per worker and step")

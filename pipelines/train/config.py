@@ -21,6 +21,8 @@ class VAETrainConfig(StrictModel):
     image_size: int | None = Field(None, ge=16)  # short side images are resized to first; None: crop_size
     min_scale: float = Field(1.0, gt=0, le=1)  # each sample is also shrunk by a random factor in [min_scale, 1]
                                                # before its crop (never below crop_size): one VAE for several scales
+    whole_image_every: int = Field(0, ge=0)  # every Nth step trains on whole image_size images instead of crops
+                                             # (as many as fit the crops' pixels); 0: never
     train: Literal["both", "encoder", "decoder"] = "both"  # decoder-only training is not EQ-VAE (spec)
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # per worker
@@ -63,6 +65,9 @@ class VAETrainConfig(StrictModel):
     def _sizes(self) -> VAETrainConfig:
         if self.image_size is not None and self.image_size < self.crop_size:
             raise ValueError(f"image_size ({self.image_size}) must be at least crop_size ({self.crop_size})")
+        if self.whole_image_every and (self.image_size or self.crop_size) <= self.crop_size:
+            raise ValueError(f"whole_image_every needs an image_size above crop_size ({self.crop_size}): the whole "
+                             f"images are the crops otherwise")
         return self
 
 

@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 
 from pipelines.train.config import VAETrainConfig
-from pipelines.train.eqvae import to_images
+from pipelines.train.eqvae import to_images, training_images
 
 
 def _rows(images: list[np.ndarray]) -> dict:
@@ -41,3 +41,30 @@ def test_crops_shrink_images_by_a_random_factor_before_cropping():
 def test_image_size_below_crop_size_is_refused():
     with pytest.raises(ValidationError, match=r"image_size \(32\) must be at least crop_size \(64\)"):
         VAETrainConfig(input="in", output="out", crop_size=64, image_size=32)
+
+
+def test_every_nth_step_trains_on_whole_images_with_the_crops_pixels():
+    # 16 distinct 64 px images (a different grey each, a white dot in one corner so a flip shows): steps 1-3
+    # get 16 crops of 32 px; step 4 gets the first 4 images whole (4 x 64^2 = 16 x 32^2 pixels), flipped or not
+    images = []
+    for i in range(16):
+        image = np.full((64, 64, 3), 10 * i, np.uint8)
+        image[0, 0] = 255
+        images.append(image)
+    cfg = VAETrainConfig(input="in", output="out", crop_size=32, image_size=64, min_scale=0.5, batch_size=16,
+                         whole_image_every=4)
+    rng = np.random.default_rng(0)
+    for step in (1, 2, 3, 5):
+        assert training_images(_rows(images), cfg, rng, step=step).shape == (16, 3, 32, 32)
+    whole = training_images(_rows(images), cfg, rng, step=4)
+    assert whole.shape == (4, 3, 64, 64)
+    for i, x in enumerate(whole):
+        pixels = ((x.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+        assert np.array_equal(pixels, images[i]) or np.array_equal(pixels, images[i][:, ::-1])
+    off = VAETrainConfig(input="in", output="out", crop_size=32, image_size=64, batch_size=16)
+    assert all(training_images(_rows(images), off, rng, step=s).shape == (16, 3, 32, 32) for s in range(1, 9))
+
+
+def test_whole_images_need_an_image_size_above_the_crop():
+    with pytest.raises(ValidationError, match=r"whole_image_every needs an image_size above crop_size \(32\)"):
+        VAETrainConfig(input="in", output="out", crop_size=32, whole_image_every=4)
