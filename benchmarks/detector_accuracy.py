@@ -58,7 +58,7 @@ def eval_cases(folder: Path):
 
     results = next(folder / name for name in ("evaluation.json", "adherence.json") if (folder / name).exists())
     rows = json.loads(results.read_text())["images"]
-    # adherence.json named each row's file; evaluation.json's rows follow the files' order (NNNN-pPP-sS.png)
+    # rows name their file (`image`); evaluation.json before 2026-12-05 did not: its rows follow the files' order
     files = [row["image"] for row in rows] if "image" in rows[0] else sorted(p.name for p in folder.glob("[0-9]*.png"))
     return [(np.asarray(Image.open(folder / name).convert("RGB")), Scene.from_caption(row["prompt"]))
             for name, row in zip(files, rows, strict=True)]

@@ -348,12 +348,14 @@ def _settings(config: EvaluateConfig, point: PointResult) -> dict[str, Any]:
 
 
 def _write_images(point: PointResult, out: Path, *, seeds: list[int]) -> Path:
-    """The point's images and grid.png as jobs/sample.py writes them (sampling.write_images); sets and returns
-    `point.grid`."""
+    """The point's images and grid.png as jobs/sample.py writes them (sampling.write_images); names each row's
+    image file in it (`image`); sets and returns `point.grid`."""
     from pipelines.eval.sampling import write_images
 
-    prompts = [row["prompt"] for row in point.rows[::len(seeds)]]  # rows are prompt-major
-    _, grid = write_images(point.images, out, prompts=prompts, seeds=seeds, grid=True)
+    prompts = [row["prompt"] for row in point.rows[::len(seeds)]]  # rows are prompt-major, as the images
+    paths, grid = write_images(point.images, out, prompts=prompts, seeds=seeds, grid=True)
+    for row, path in zip(point.rows, paths, strict=True):
+        row["image"] = Path(path).name
     point.grid = Path(grid)
     return point.grid
 

@@ -49,6 +49,9 @@ def test_command_scores_a_checkpoint_into_an_evaluate_run(setup, tmp_path):
     assert report["chance_shape"] == pytest.approx(1 / len(SHAPES))
     assert f"color {report['color']:.3f} (chance {1 / len(COLORS):.3f})" in result.stdout
     assert Image.open(out / "grid.png").size == (2 * 32, len(prompts) * 32)  # rows = prompts, columns = seeds
+    for i, row in enumerate(report["images"]):  # each row names its image: prompt-major, seeds 0 and 1
+        assert row["image"] == f"{i:04d}-p{i // 2:02d}-s{i % 2}.png" and (out / row["image"]).is_file()
+        assert row["prompt"] == prompts[i // 2]
 
     client = MlflowClient(setup["uri"])
     run = client.search_runs([client.get_experiment_by_name("demo").experiment_id], "tags.`hdm.stage` = 'evaluate'")[0]
