@@ -104,8 +104,8 @@ def training_images(batch: dict[str, np.ndarray], cfg: VAETrainConfig, rng: np.r
                     step: int) -> torch.Tensor:
     """Step `step`'s images: augmented crops, or on every `whole_image_every`-th step whole images (a flip half
     the time), as many as hold the crops' pixels. A VAE that saw only crops meets a larger latent grid at full
-    size, whose inner cells never worked away from the padding in training: the demo's VAE reconstructed every
-    colour right at 32 px and whole colours in wrong hues at 64 px (benchmarks/RESULTS.md)."""
+    size than it trained on (8 x 8 against 4 x 4 in the demo): the demo's reconstructed every colour right at
+    32 px and whole colours in wrong hues at 64 px until it saw whole images too (benchmarks/RESULTS.md)."""
     size = cfg.image_size or cfg.crop_size
     if cfg.whole_image_every and step % cfg.whole_image_every == 0:
         n = max(1, cfg.batch_size * cfg.crop_size ** 2 // size ** 2)
