@@ -1,10 +1,11 @@
 """Draws of the demo VAE's recipe (demo.toml's `vae` stage) outside Ray: how alike independent runs are.
 
 Each draw renders the demo's training images with its own seed, trains the VAE in this process with the job's
-own pieces (pipelines.train.eqvae.training_images: crops, every Nth step whole images; hdm_model.eqvae.eq_vae_loss, AdamW, clipping, the EMA of
-pipelines.train.step), then prints held-out PSNR (16 centre 32 px crops, as the job measures it) and how often
-the demo detector reads the right colour and shape on reconstructions of every colour x shape x background at
-64 and 32 px, for the last weights and for their moving average. One thread per draw; two draws at a time.
+own pieces (pipelines.train.eqvae.training_images: crops, every Nth step whole images;
+hdm_model.eqvae.eq_vae_loss, AdamW, clipping, the EMA of pipelines.train.step), then prints held-out PSNR
+(16 centre 32 px crops, as the job measures it) and how often the demo detector reads the right colour and
+shape on reconstructions of every colour x shape x background at 64 and 32 px, for the last weights and for
+their moving average. One thread per draw; two draws at a time.
 
     .venv/bin/python benchmarks/demo_vae_recipe.py --seeds 0 1 2 3                # ~3-4 min per pair on 2 cores
     .venv/bin/python benchmarks/demo_vae_recipe.py --seeds 0 1 --whole-image-every 0      # crops only
@@ -49,7 +50,8 @@ def draw(seed: int, args: argparse.Namespace) -> dict:
     def rows(batch):
         return {"pixels": [i.tobytes() for i in batch], "h": [64] * len(batch), "w": [64] * len(batch)}
 
-    cfg = VAETrainConfig(input="unused", output="unused", crop_size=args.crop_size, image_size=64,
+    cfg = VAETrainConfig(input="unused", output="unused", crop_size=args.crop_size,
+                         image_size=RECIPE["image_size"],
                          min_scale=RECIPE["min_scale"], batch_size=args.batch_size,
                          whole_image_every=args.whole_image_every)
     held_out, train = to_images(rows(images[:16]), args.crop_size, None), images[16:]

@@ -39,8 +39,8 @@ def demo_vae(ray_driver, tmp_path_factory):
 def test_vae_reconstructions_are_read_right(demo_vae, size):
     """64 px (the demo's images, and what eval-64 decodes) must read >= 0.95 colour and shape. At 32 px the
     4 x 4 latent rounds some squares' corners and triangles' tops into blobs a person reads as circles too
-    (looked at), so shape is held to 0.8 there. Not met by every draw yet (issue 18 open), 2026-12-05: a
-    `make demo` run's VAE read 64 px 1.000 / 1.000 and 32 px 1.000 / 0.894; this test's VAE passed once and
-    once read 64 px colour 0.889 (green as cyan, blue and purple swapped; held-out PSNR 21.99 dB)."""
+    (looked at), so shape is held to 0.8 there. 2026-12-05: trained on crops alone, this test's VAE once read
+    64 px colour 0.889 (green as cyan, blue and purple swapped); with demo.toml's whole-image steps it passed,
+    and the VAEs of three fresh-clone demo runs read 64 px colour 1.000 (benchmarks/RESULTS.md)."""
     color, shape = accuracy(reconstructed(demo_vae, clean_cases(size=size, per_scene=2, seed=1)))
     assert color >= 0.95 and shape >= (0.95 if size == 64 else 0.8), (size, color, shape)
