@@ -146,9 +146,9 @@ WRITTEN_OUT = {
     },
     "demo.toml": {
         "train-64": {"kind": "train", "needs": ["precompute", "train-32"], "params": {
-            "res": 64, **_DEMO_TRAIN, "steps": 1000, "ema_decay": 0.995, "checkpoint_every": 500, "log_every": 100}},
+            "res": 64, **_DEMO_TRAIN, "steps": 1600, "ema_decay": 0.995, "checkpoint_every": 800, "log_every": 100}},
         "eval-64": {"kind": "evaluate", "needs": ["train-64", "data", "eval-32"], "params": {
-            "width": 64, "height": 64, "steps": 16, "cfg": 2.0, "seeds": [0, 1, 2, 3, 4, 5, 6, 7], "batch_size": 8}},
+            "width": 64, "height": 64, "steps": 16, "cfg": 1.5, "seeds": [0, 1, 2, 3, 4, 5, 6, 7], "batch_size": 8}},
     },
 }
 
