@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -131,6 +133,8 @@ def download(uri: str, scratch: Path, s3: S3Options = S3Options(), *, files: tup
     dest = Path(scratch) / f"{sum(1 for _ in Path(scratch).iterdir())}-{PurePosixPath(path).name}"
     local = pafs.LocalFileSystem()
     if files is None:
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            dest.mkdir(parents=True)  # copy_files makes only the folders of nested files, not the top one
         pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=local)
         return str(dest)
     missing = [name for name in files if not exists(fs, join(path, name))]
@@ -147,6 +151,24 @@ def local_path(uri: str, s3: S3Options = S3Options()) -> Iterator[str]:
     """`download` into a temporary directory removed on exit (nothing is copied for a local path)."""
     with tempfile.TemporaryDirectory(prefix="hdm-download-") as scratch:
         yield download(uri, Path(scratch), s3)
+
+
+# copies made by process_copy, by (uri, S3 options): one download per process however often a model is loaded
+_PROCESS_COPIES: dict[tuple[str, str], str] = {}
+
+
+def process_copy(uri: str, s3: S3Options = S3Options()) -> str:
+    """A local path for a model that loaders take by path or hub id (a VAE): `uri` itself when it is not s3://,
+    else a copy downloaded once per process into a temporary folder removed when the process exits. For code
+    that loads the model in several places, or in every Ray actor or worker (each downloads on its own node)."""
+    if not uri.startswith("s3://"):
+        return uri.removeprefix("file://")
+    key = (uri.rstrip("/"), s3.model_dump_json())
+    if key not in _PROCESS_COPIES:
+        scratch = tempfile.mkdtemp(prefix="hdm-model-")
+        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+        _PROCESS_COPIES[key] = download(uri, Path(scratch), s3)
+    return _PROCESS_COPIES[key]
 
 
 def upload(local_dir: str | os.PathLike, uri: str, s3: S3Options = S3Options()) -> None:

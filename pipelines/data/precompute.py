@@ -30,7 +30,7 @@ from pipelines.data.latent_store import (ManifestMismatch, build_manifest, check
 from pipelines.data.sources import Unit, list_units
 from pipelines.data.stages import CaptionStage, EncodeStage, LatentDatasink, PrepareStage, ReadStage
 from pipelines.lease import Lease, default_holder
-from pipelines.storage import resolve
+from pipelines.storage import process_copy, resolve
 
 # ---------------------------------------------------------------------------------------------------
 # The job
@@ -199,11 +199,12 @@ def _checked_manifest(config: PrecomputeConfig, spec: TransformSpec, out_fs, out
 
     from hdm_model.vae import latent_stats
 
-    vae_config = AutoencoderKL.load_config(config.vae)
+    vae = process_copy(config.vae, config.s3)  # the encoders make their own copies of an s3:// VAE
+    vae_config = AutoencoderKL.load_config(vae)
     mean, std = latent_stats(vae_config)
     manifest = build_manifest(vae=config.vae, vae_config=vae_config, latent_mean=mean.tolist(),
                               latent_std=std.tolist(), transform=spec.to_dict(), resolutions=config.resolutions,
-                              store_std=config.store_std, vae_weights_sha256=vae_weights_digest(config.vae),
+                              store_std=config.store_std, vae_weights_sha256=vae_weights_digest(vae),
                               input=input_uri)
     existing = read_manifest(out_fs, out_root)
     if existing is not None:
@@ -294,7 +295,7 @@ def _build_dataset(config: PrecomputeConfig, fs, units: list[Unit], fmt: str, do
         # a CPU encoder takes seconds a batch: give it the next one only when it is free, so that the last
         # batches go to whichever encoder is free rather than wait in another's queue
         in_flight = 1
-    return ds.map_batches(EncodeStage, fn_constructor_kwargs=dict(vae=config.vae, use_gpu=gpus > 0,
+    return ds.map_batches(EncodeStage, fn_constructor_kwargs=dict(vae=config.vae, s3=config.s3, use_gpu=gpus > 0,
                                                                  threads=config.threads_per_encoder,
                                                                  actors=actors,
                                                                  batch_size=config.batch_size,

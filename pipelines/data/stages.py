@@ -18,11 +18,13 @@ import ray
 from ray.data.block import BlockAccessor
 
 from pipelines.cluster import CoreShare, cpu_threads
+from pipelines.config import S3Options
 from pipelines.data.attempts import JournalSpec, guarded
 from pipelines.data.images import ImageError, TransformSpec, decode_image, resize_for_resolution, thumbnail
 from pipelines.data.latent_store import LatentWriter, ReasonCode
 from pipelines.data.sources import Unit, error, read_unit
 from pipelines.faults import inject
+from pipelines.storage import process_copy
 
 STREAM_SCHEMA = pa.schema([
     ("kind", pa.string()), ("key", pa.string()), ("source", pa.string()), ("data", pa.binary()),
@@ -179,7 +181,7 @@ class EncodeStage:
     (pipelines/data/encode.py, which runs without Ray)."""
 
     def __init__(self, vae: str, use_gpu: bool, threads: int | None, actors: int, batch_size: int, store_std: bool,
-                 *, journal: JournalSpec | None = None):
+                 *, s3: S3Options = S3Options(), journal: JournalSpec | None = None):
         import torch
 
         from pipelines.data.encode import BatchEncoder
@@ -190,7 +192,7 @@ class EncodeStage:
         if not use_gpu:
             torch.set_num_threads(cpu_threads(actors, threads))
             share = CoreShare(torch.get_num_threads()) if threads is None else None
-        self.encode = BatchEncoder(vae, device="cuda" if use_gpu else "cpu", batch_size=batch_size,
+        self.encode = BatchEncoder(process_copy(vae, s3), device="cuda" if use_gpu else "cpu", batch_size=batch_size,
                                    store_std=store_std, threads=share.update if share else None)
         self.journal = journal
 

@@ -61,7 +61,39 @@ def test_upload_then_download_through_s3(s3_server, tmp_path):
         download("s3://hdm-storage/runs/ckpt", scratch, s3, files=("training_state.pt",))
     with pytest.raises(FileNotFoundError, match="nothing at s3://hdm-storage/runs/missing"):
         download("s3://hdm-storage/runs/missing", scratch, s3)
+    upload(source / "sub", "s3://hdm-storage/runs/flat", s3)  # a folder of files only (no nested folder)
+    flat = download("s3://hdm-storage/runs/flat", scratch, s3)
+    assert [p.name for p in Path(flat).iterdir()] == ["extra.txt"]
     with local_path("s3://hdm-storage/runs/ckpt/config.json", s3) as path:
         assert open(path).read() == "{}"
         kept = path
     assert not os.path.exists(kept)  # the temporary copy is gone
+
+
+@pytest.mark.integration
+def test_process_copy_downloads_once_and_is_gone_when_the_process_exits(s3_server, tmp_path):
+    """A model on s3:// (a VAE the precompute encoders load by path) is copied once per process, into a folder
+    removed at the process's exit; a local path or hub id comes back as given."""
+    import subprocess
+    import sys
+
+    s3 = S3Options(endpoint_url=s3_server["HDM_S3_ENDPOINT"])
+    boto3.client("s3", endpoint_url=s3.endpoint_url).create_bucket(Bucket="hdm-models")
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"latent_channels": 4}')
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    upload(tmp_path / "vae", "s3://hdm-models/vae", s3)
+    code = (
+        "import os, sys; from pipelines.config import S3Options; from pipelines.storage import process_copy\n"
+        f"s3 = S3Options(endpoint_url={s3.endpoint_url!r})\n"
+        "first, second = process_copy('s3://hdm-models/vae', s3), process_copy('s3://hdm-models/vae/', s3)\n"
+        "assert process_copy('madebyollin/taesd', s3) == 'madebyollin/taesd'\n"
+        f"assert process_copy('file://{tmp_path}/vae', s3) == '{tmp_path}/vae'\n"
+        "print(first, second, sorted(os.listdir(first)), open(os.path.join(first, 'config.json')).read(), sep='|')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2], env=os.environ)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second, files, config = out.stdout.strip().split("|")
+    assert first == second  # one download for both calls
+    assert files == "['config.json', 'diffusion_pytorch_model.safetensors']" and config == '{"latent_channels": 4}'
+    assert not os.path.exists(first)  # removed when the process exited

@@ -22,8 +22,8 @@ from pipelines import progress
 from pipelines.config import S3Options
 from pipelines.data.config import PrecomputeConfig
 from pipelines.data.images import TransformSpec, decode_image, resize_for_resolution
-from pipelines.data.latent_store import LATENT_SCHEMA, decode_latent
-from pipelines.storage import s3_filesystem
+from pipelines.data.latent_store import LATENT_SCHEMA, decode_latent, vae_weights_digest
+from pipelines.storage import s3_filesystem, upload
 
 from tests.image_cases import LARGE, MAX_PIXELS, SMALL, cases, write_folder
 from tests.tiny_models import make_tiny_captioner, make_tiny_vae
@@ -140,16 +140,24 @@ def test_s3_input_and_output_via_ray_job_submit(ray_cluster, s3_server, vae_dir,
         if case.caption:
             s3.put_object(Bucket="hdm-images", Key=f"set1/{Path(case.name).with_suffix('.txt')}",
                           Body=case.caption.encode())
+    options = S3Options(endpoint_url=s3_server["HDM_S3_ENDPOINT"])
+    upload(vae_dir, "s3://hdm-latents/models/vae", options)  # the VAE on object storage too, as a DAG's vae stage
     env = {k: v for k, v in s3_server.items() if k.startswith("AWS_")}
-    result = ray_job_submit(ray_cluster, job_args("s3://hdm-images/set1", "s3://hdm-latents/run1", vae_dir,
+    result = ray_job_submit(ray_cluster, job_args("s3://hdm-images/set1", "s3://hdm-latents/run1",
+                                                  "s3://hdm-latents/models/vae",
                                                   "--s3-endpoint", s3_server["HDM_S3_ENDPOINT"]), env_vars=env)
     assert result.returncode == 0, result.output[-4000:]
-    fs = s3_filesystem(S3Options(endpoint_url=s3_server["HDM_S3_ENDPOINT"]))
+    fs = s3_filesystem(options)
     ok = {res: {c.name for c in selected if c.expected[res] is None} for res in RES}
     got = check_counts(fs, "hdm-latents/run1", ok, len(selected))
     assert got[SMALL]["rgb.jpg"]["caption"] == "a gradient, jpeg"
     with fs.open_input_stream("hdm-latents/run1/manifest.json") as f:
-        assert json.loads(f.read())["rows"] == {str(SMALL): 3, str(LARGE): 2}
+        manifest = json.loads(f.read())
+    assert manifest["rows"] == {str(SMALL): 3, str(LARGE): 2}
+    # the driver read the copy's config and hashed its weights; the encoders loaded their own copies
+    assert manifest["vae"] == "s3://hdm-latents/models/vae"
+    assert manifest["vae_weights_sha256"] == vae_weights_digest(str(vae_dir)) is not None
+    assert manifest["latent_std"] == [2.0, 1.5, 1.0, 0.5]
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
