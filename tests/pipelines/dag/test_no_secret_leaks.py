@@ -23,26 +23,24 @@ from pipelines.config import S3Options
 from pipelines.data.demo_data import write_demo_data
 from pipelines.storage import s3_filesystem
 from tests.pipelines.dag.test_pipeline_dag import DEMO, REDUCED
-from tests.tiny_models import make_tiny_vae
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 SECRET_NAMES = ("AWS_SECRET_ACCESS_KEY", "HF_TOKEN", "MLFLOW_TRACKING_PASSWORD")
 
 
-def secret_dag(*, name: str, uri: str, storage: str, endpoint: str, images: Path, prompts: Path, vae: Path) -> dict:
+def secret_dag(*, name: str, uri: str, storage: str, endpoint: str, images: Path, prompts: Path) -> dict:
     """The demo's stages from the VAE on (its first two need local storage: file:// URL lists), reduced, one
-    resolution, inputs from a local folder of demo images, every output under `storage`. The precompute
-    stage encodes with a local tiny VAE: it cannot load one from s3:// (the VAE stage still trains and saves
-    its own there)."""
+    resolution, inputs from a local folder of demo images, every output under `storage`: the precompute stage
+    encodes with the VAE the vae stage saved there."""
     demo = tomllib.loads(DEMO.read_text())
     stages = {k: demo["stages"][k] for k in ("vae", "precompute", "train-32", "eval-32")}
     for spec in stages.values():
         spec["params"].update(REDUCED.get(spec["kind"], {}))
     stages["vae"].update(needs=[])
     stages["vae"]["params"].update(input=str(images), input_format="folder")
-    stages["precompute"].update(needs=[])
-    stages["precompute"]["params"].update(input=str(images), input_format="folder", resolutions=[32], vae=str(vae))
+    stages["precompute"].update(needs=["vae"])
+    stages["precompute"]["params"].update(input=str(images), input_format="folder", resolutions=[32])
     stages["eval-32"].update(needs=["train-32"])
     stages["eval-32"]["params"]["prompt_file"] = str(prompts)
     return {"pipeline": {"name": name, "storage": storage, "s3": {"endpoint_url": endpoint},
@@ -67,8 +65,7 @@ def test_a_fake_secret_appears_nowhere(s3_server, mlflow_server, tmp_path, monke
     s3 = s3_filesystem(S3Options(endpoint_url=endpoint))
     demo = write_demo_data(tmp_path / "demo", count=REDUCED["demo_data"]["count"], size=64)
     config = DagConfig.model_validate(secret_dag(name=name, uri=uri, storage=f"s3://{name}/dag", endpoint=endpoint,
-                                                 images=demo.urls.parent / "images", prompts=demo.heldout,
-                                                 vae=make_tiny_vae(tmp_path / "tiny-vae")))
+                                                 images=demo.urls.parent / "images", prompts=demo.heldout))
     head = services.start_ray_head(env=creds)
     try:
         assert secret.encode() in Path(f"/proc/{head.pid}/environ").read_bytes()  # the node holds it
@@ -87,6 +84,8 @@ def test_a_fake_secret_appears_nowhere(s3_server, mlflow_server, tmp_path, monke
         services.stop(head)
     assert len(places) > 100 and any(k.startswith("mlflow artifact") and k.endswith(".log") for k in places)
     assert any(k.endswith("manifest.json") for k in places) and any(k.endswith("config.json") for k in places)
+    (manifest,) = [json.loads(v) for k, v in places.items() if k.startswith("s3 ") and k.endswith("manifest.json")]
+    assert manifest["vae"].startswith(f"s3://{name}/dag/vae/")  # the vae stage's output, read from S3
     leaks = sorted(where for where, data in places.items() if secret.encode() in data)
     assert leaks == [], leaks
 
