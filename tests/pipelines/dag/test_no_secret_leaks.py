@@ -85,7 +85,8 @@ def test_a_fake_secret_appears_nowhere(s3_server, mlflow_server, tmp_path, monke
     assert len(places) > 100 and any(k.startswith("mlflow artifact") and k.endswith(".log") for k in places)
     assert any(k.endswith("manifest.json") for k in places) and any(k.endswith("config.json") for k in places)
     (manifest,) = [json.loads(v) for k, v in places.items() if k.startswith("s3 ") and k.endswith("manifest.json")]
-    assert manifest["vae"].startswith(f"s3://{name}/dag/vae/")  # the vae stage's output, read from S3
+    assert manifest["vae"].startswith(f"s3://{name}/dag/vae/")  # the vae stage's output, read from S3 by the
+    assert any(k.endswith("samples/step-0000004.png") for k in places)  # encoders and by train-32's sample grid
     leaks = sorted(where for where, data in places.items() if secret.encode() in data)
     assert leaks == [], leaks
 
