@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import atexit
+import hashlib
 import json
 import os
 import shutil
@@ -153,22 +153,47 @@ def local_path(uri: str, s3: S3Options = S3Options()) -> Iterator[str]:
         yield download(uri, Path(scratch), s3)
 
 
-# copies made by process_copy, by (uri, S3 options): one download per process however often a model is loaded
-_PROCESS_COPIES: dict[tuple[str, str], str] = {}
+def model_cache_dir() -> Path:
+    """Where node_copy keeps models copied from s3://: $XDG_CACHE_HOME/hdm/models (~/.cache/hdm/models)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hdm" / "models"
 
 
-def process_copy(uri: str, s3: S3Options = S3Options()) -> str:
+def node_copy(uri: str, s3: S3Options = S3Options()) -> str:
     """A local path for a model that loaders take by path or hub id (a VAE): `uri` itself when it is not s3://,
-    else a copy downloaded once per process into a temporary folder removed when the process exits. For code
-    that loads the model in several places, or in every Ray actor or worker (each downloads on its own node)."""
+    else this node's cached copy of it, downloaded when there is none of the objects as they are now (names,
+    sizes, modification times). Every process of a node (the precompute driver, each encoder, a train worker)
+    shares one copy: each downloads into a folder of its own and renames it into place, so none sees half a
+    copy, and a later run finds it. A copy of the objects as they were before is removed. FileNotFoundError
+    when nothing is at `uri`."""
     if not uri.startswith("s3://"):
         return uri.removeprefix("file://")
-    key = (uri.rstrip("/"), s3.model_dump_json())
-    if key not in _PROCESS_COPIES:
-        scratch = tempfile.mkdtemp(prefix="hdm-model-")
-        atexit.register(shutil.rmtree, scratch, ignore_errors=True)
-        _PROCESS_COPIES[key] = download(uri, Path(scratch), s3)
-    return _PROCESS_COPIES[key]
+    fs, path = resolve(uri, s3)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"nothing at {uri}")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.type == pafs.FileType.Directory \
+        else [info]
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    home = model_cache_dir() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
+    copy = home / hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    name = PurePosixPath(path).name
+    if not copy.is_dir():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = home / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir()
+        try:
+            target = tmp if info.type == pafs.FileType.Directory else tmp / name
+            pafs.copy_files(path, str(target), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            tmp.rename(copy)
+        except OSError:
+            if not copy.is_dir():  # not another process's rename that came first: a failed download
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in home.iterdir():
+            if old != copy and not old.name.startswith(".tmp-"):
+                shutil.rmtree(old, ignore_errors=True)
+    return str(copy if info.type == pafs.FileType.Directory else copy / name)
 
 
 def upload(local_dir: str | os.PathLike, uri: str, s3: S3Options = S3Options()) -> None:

@@ -30,7 +30,7 @@ from pipelines.data.latent_store import (ManifestMismatch, build_manifest, check
 from pipelines.data.sources import Unit, list_units
 from pipelines.data.stages import CaptionStage, EncodeStage, LatentDatasink, PrepareStage, ReadStage
 from pipelines.lease import Lease, default_holder
-from pipelines.storage import process_copy, resolve
+from pipelines.storage import node_copy, resolve
 
 # ---------------------------------------------------------------------------------------------------
 # The job
@@ -199,7 +199,7 @@ def _checked_manifest(config: PrecomputeConfig, spec: TransformSpec, out_fs, out
 
     from hdm_model.vae import latent_stats
 
-    vae = process_copy(config.vae, config.s3)  # the encoders make their own copies of an s3:// VAE
+    vae = node_copy(config.vae, config.s3)  # s3://: this node's copy (other nodes' encoders make theirs)
     vae_config = AutoencoderKL.load_config(vae)
     mean, std = latent_stats(vae_config)
     manifest = build_manifest(vae=config.vae, vae_config=vae_config, latent_mean=mean.tolist(),

@@ -24,7 +24,7 @@ from pipelines.data.images import ImageError, TransformSpec, decode_image, resiz
 from pipelines.data.latent_store import LatentWriter, ReasonCode
 from pipelines.data.sources import Unit, error, read_unit
 from pipelines.faults import inject
-from pipelines.storage import process_copy
+from pipelines.storage import node_copy
 
 STREAM_SCHEMA = pa.schema([
     ("kind", pa.string()), ("key", pa.string()), ("source", pa.string()), ("data", pa.binary()),
@@ -192,7 +192,7 @@ class EncodeStage:
         if not use_gpu:
             torch.set_num_threads(cpu_threads(actors, threads))
             share = CoreShare(torch.get_num_threads()) if threads is None else None
-        self.encode = BatchEncoder(process_copy(vae, s3), device="cuda" if use_gpu else "cpu", batch_size=batch_size,
+        self.encode = BatchEncoder(node_copy(vae, s3), device="cuda" if use_gpu else "cpu", batch_size=batch_size,
                                    store_std=store_std, threads=share.update if share else None)
         self.journal = journal
 

@@ -28,7 +28,7 @@ from hdm_model import checkpoint
 from pipelines import faults, progress
 from pipelines.config import S3Options
 from pipelines.secrets import redact
-from pipelines.storage import local_path, process_copy
+from pipelines.storage import local_path, node_copy
 from pipelines.tracking import FINAL_WEIGHTS_TAG, INIT_WEIGHTS_TAG, RESUMED_AT_TAG, StageRun
 from pipelines.train.batches import (END_OF_EPOCH, BatchPrefetcher, EpochKeys, LatentBatcher, MicroBatch,
                                      ResumedEpoch, blank_batch)
@@ -315,7 +315,7 @@ def _log_samples(run: StageRun, net, *, ema: EMA | None, text_encoder, vae_id: s
     from hdm_model import LatentVAE
     from hdm_model.pipeline import HDMPipeline, make_grid
 
-    vae = LatentVAE.from_pretrained(process_copy(vae_id, cfg.s3), device=device)  # s3:// downloaded once
+    vae = LatentVAE.from_pretrained(node_copy(vae_id, cfg.s3), device=device)  # s3://: the node's copy
     was_training = net.training
     with ema.applied(net) if ema is not None else nullcontext(net) as weights:
         pipe = HDMPipeline(weights, text_encoder, vae)

@@ -8,7 +8,7 @@ import pyarrow.fs as pafs
 import pytest
 
 from pipelines.config import S3Options
-from pipelines.storage import download, list_files, local_path, upload, write_bytes_atomic
+from pipelines.storage import download, list_files, local_path, node_copy, upload, write_bytes_atomic
 
 
 def test_local_paths_and_hub_ids_are_not_copied(tmp_path):
@@ -71,29 +71,37 @@ def test_upload_then_download_through_s3(s3_server, tmp_path):
 
 
 @pytest.mark.integration
-def test_process_copy_downloads_once_and_is_gone_when_the_process_exits(s3_server, tmp_path):
-    """A model on s3:// (a VAE the precompute encoders load by path) is copied once per process, into a folder
-    removed at the process's exit; a local path or hub id comes back as given."""
-    import subprocess
-    import sys
+def test_node_copy_is_shared_on_a_node_and_follows_changes(s3_server, tmp_path, monkeypatch):
+    """A model on s3:// (a VAE the precompute encoders load by path): one copy per node for every process and
+    thread asking at once, downloaded again when the objects change (the old copy removed); a local path or
+    hub id comes back as given, nothing at the URI is a FileNotFoundError."""
+    from concurrent.futures import ThreadPoolExecutor
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     s3 = S3Options(endpoint_url=s3_server["HDM_S3_ENDPOINT"])
     boto3.client("s3", endpoint_url=s3.endpoint_url).create_bucket(Bucket="hdm-models")
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text('{"latent_channels": 4}')
     (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
     upload(tmp_path / "vae", "s3://hdm-models/vae", s3)
-    code = (
-        "import os, sys; from pipelines.config import S3Options; from pipelines.storage import process_copy\n"
-        f"s3 = S3Options(endpoint_url={s3.endpoint_url!r})\n"
-        "first, second = process_copy('s3://hdm-models/vae', s3), process_copy('s3://hdm-models/vae/', s3)\n"
-        "assert process_copy('madebyollin/taesd', s3) == 'madebyollin/taesd'\n"
-        f"assert process_copy('file://{tmp_path}/vae', s3) == '{tmp_path}/vae'\n"
-        "print(first, second, sorted(os.listdir(first)), open(os.path.join(first, 'config.json')).read(), sep='|')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=Path(__file__).resolve().parents[2], env=os.environ)
-    assert out.returncode == 0, out.stderr[-2000:]
-    first, second, files, config = out.stdout.strip().split("|")
-    assert first == second  # one download for both calls
-    assert files == "['config.json', 'diffusion_pytorch_model.safetensors']" and config == '{"latent_channels": 4}'
-    assert not os.path.exists(first)  # removed when the process exited
+
+    with ThreadPoolExecutor(4) as pool:  # four encoders starting at once
+        paths = set(pool.map(lambda uri: node_copy(uri, s3), ["s3://hdm-models/vae", "s3://hdm-models/vae/"] * 2))
+    (first,) = paths
+    assert sorted(os.listdir(first)) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    assert open(os.path.join(first, "config.json")).read() == '{"latent_channels": 4}'
+    assert len(list(Path(first).parent.iterdir())) == 1  # one copy, no temporary folder left
+    assert node_copy("s3://hdm-models/vae", s3) == first  # a later process finds it
+
+    (tmp_path / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"retrained")
+    upload(tmp_path / "vae", "s3://hdm-models/vae", s3)
+    second = node_copy("s3://hdm-models/vae", s3)
+    assert second != first and not os.path.exists(first)
+    assert Path(second, "diffusion_pytorch_model.safetensors").read_bytes() == b"retrained"
+    single = node_copy("s3://hdm-models/vae/config.json", s3)  # one object
+    assert single.endswith("/config.json") and open(single).read() == '{"latent_channels": 4}'
+
+    assert node_copy("madebyollin/taesd", s3) == "madebyollin/taesd"
+    assert node_copy(f"file://{tmp_path}/vae", s3) == f"{tmp_path}/vae"
+    with pytest.raises(FileNotFoundError, match="nothing at s3://hdm-models/missing"):
+        node_copy("s3://hdm-models/missing", s3)
