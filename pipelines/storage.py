@@ -153,9 +153,9 @@ def local_path(uri: str, s3: S3Options = S3Options()) -> Iterator[str]:
         yield download(uri, Path(scratch), s3)
 
 
-def model_cache_dir() -> Path:
-    """Where node_copy keeps models copied from s3://: $XDG_CACHE_HOME/hdm/models (~/.cache/hdm/models)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hdm" / "models"
+def cache_dir(what: str) -> Path:
+    """This node's cache of `what` ("models", "fid"): $XDG_CACHE_HOME/hdm/WHAT, else ~/.cache/hdm/WHAT."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hdm" / what
 
 
 def node_copy(uri: str, s3: S3Options = S3Options()) -> str:
@@ -174,7 +174,7 @@ def node_copy(uri: str, s3: S3Options = S3Options()) -> str:
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True)) if info.type == pafs.FileType.Directory \
         else [info]
     listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
-    home = model_cache_dir() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
+    home = cache_dir("models") / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:24]
     copy = home / hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
     name = PurePosixPath(path).name
     if not copy.is_dir():

@@ -27,7 +27,7 @@ from PIL import Image
 
 from pipelines.config import S3Options
 from pipelines.eval.inception import InceptionV3
-from pipelines.storage import read_bytes, resolve
+from pipelines.storage import cache_dir, read_bytes, resolve
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CACHE_VERSION = 1  # bump when the features change for the same files and weights (resizing, scaling)
@@ -140,4 +140,4 @@ def _read_images(fs: pafs.FileSystem, paths: list[str]) -> Iterator[Image.Image]
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hdm" / "fid"
+    return cache_dir("fid")
